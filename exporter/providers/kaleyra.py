@@ -1,0 +1,541 @@
+"""Kaleyra: the WhatsApp Business API client's own monitoring stats, one request per number.
+
+The client's metric names change between versions (`callback_requests` became
+`callback_requests_duration_ms_count` and `_sum`), so nothing here lists them: every family that
+arrives is translated by rule, and a family of an unexpected shape is skipped rather than failing
+the number's whole poll.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from pydantic import AfterValidator, BeforeValidator, SecretStr, field_validator, model_validator
+
+from exporter.config import AccountBase, Defaults, RateLimit, read_secret_file
+from exporter.providers.base import (
+    POLLED,
+    Api,
+    Endpoint,
+    Family,
+    Known,
+    Labels,
+    PollError,
+    Provider,
+    Sample,
+)
+
+log = logging.getLogger(__name__)
+
+# --- config -------------------------------------------------------------------------------------
+
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
+
+
+def _not_a_yaml_number(value: Any) -> Any:
+    """Unquoted, `+12025550100` is an integer to YAML and loses its plus."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f'{value} is a number to YAML: quote it, e.g. "+{value}"')
+    return value
+
+
+def _e164(value: str) -> str:
+    reason = None
+    if not value.startswith("+"):
+        reason = "it must start with + and the country code"
+    elif not value[1:].isascii() or not value[1:].isdigit():
+        reason = "only digits may follow the +"
+    elif value[1] == "0":
+        reason = "country codes do not start with 0"
+    elif not _E164.match(value):
+        reason = f"it has {len(value) - 1} digits, E.164 allows 7 to 15"
+    if reason:
+        raise ValueError(f"{value!r} is not an E.164 number like +12025550100: {reason}")
+    return value
+
+
+_Number = Annotated[str, BeforeValidator(_not_a_yaml_number), AfterValidator(_e164)]
+
+
+def _header_names(names: Iterable[str]) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        if not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise ValueError(f"{first!r} and {name!r} are the same header")
+
+
+def _header_value(value: SecretStr) -> SecretStr:
+    """Checked at load because httpx rejects a bad value only when it sends it."""
+    text = value.get_secret_value().strip()
+    if not text:
+        raise ValueError("the value is empty")
+    if not _HEADER_VALUE.match(text):
+        raise ValueError("the value must be printable ASCII on one line")
+    return SecretStr(text)
+
+
+def _text(value: Any) -> Any:
+    """YAML reads an unquoted `12345` or `yes` as a number or boolean: ask for quotes, not guess."""
+    if value is None:
+        raise ValueError("is empty")
+    if not isinstance(value, str | SecretStr):
+        raise ValueError(f"must be text, not {_json_kind(value)}: put it in quotes")
+    return value
+
+
+def _header_file(path: Any) -> Any:
+    if path is None:
+        raise ValueError("must be the path of a file")
+    return read_secret_file(_text(path))
+
+
+_HeaderValue = Annotated[SecretStr, BeforeValidator(_text), AfterValidator(_header_value)]
+# a path in the config; once loaded, the stripped content of that file (a secret)
+_HeaderFile = Annotated[SecretStr, BeforeValidator(_header_file), AfterValidator(_header_value)]
+
+
+class Account(AccountBase):
+    base_url: str = "https://api-webhook-monitor-whatsapp.api.kaleyra.io"
+    numbers: list[_Number]
+    # Kaleyra serves stats to whitelisted IPs without auth; its other APIs want `api-key`.
+    headers: dict[str, _HeaderValue] = {}
+    header_files: dict[str, _HeaderFile] = {}
+    stats_path: str = "/v1/wamonitor/stats/{number}"
+
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, numbers: list[str]) -> list[str]:
+        if not numbers:
+            raise ValueError("list at least one number")
+        seen: set[str] = set()
+        for number in numbers:
+            if number in seen:
+                raise ValueError(f"{number!r} is listed twice")
+            seen.add(number)
+        return numbers
+
+    @field_validator("headers", "header_files")
+    @classmethod
+    def _names(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        _header_names(headers)
+        return headers
+
+    @field_validator("stats_path")
+    @classmethod
+    def _stats_path(cls, path: str) -> str:
+        marker = "\0"
+        try:
+            formatted = path.format(number=marker)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"{path!r} may hold no placeholder but {{number}} (write {{{{ and }}}} for braces)"
+            ) from None
+        if not path.startswith("/") or marker not in formatted:
+            raise ValueError(f"{path!r} must start with / and contain {{number}}")
+        return path
+
+    @model_validator(mode="after")
+    def _merge_header_files(self) -> Account:
+        """After load `headers` holds every header, wherever its value came from."""
+        inline = {name.lower() for name in self.headers}
+        for name in self.header_files:
+            if name.lower() in inline:
+                raise ValueError(f"header {name} is given in both headers and header_files")
+        if self.header_files:
+            object.__setattr__(self, "headers", {**self.headers, **self.header_files})
+        return self
+
+
+def headers(account: Account) -> dict[str, str]:
+    """A configured header replaces the default of the same name, whatever its case."""
+    configured = {name: value.get_secret_value() for name, value in account.headers.items()}
+    if any(name.lower() == "accept" for name in configured):
+        return configured
+    return {"Accept": "application/json", **configured}
+
+
+def provider_error(body: Any) -> str | None:
+    """`{"code": "WS406", "message": ...}`, maybe inside `RESPONSE`; WS2xx codes are success."""
+    if isinstance(body, Mapping) and isinstance(body.get("RESPONSE"), Mapping):
+        body = body["RESPONSE"]
+    if not isinstance(body, Mapping):
+        return None
+    code = body.get("code")
+    if not isinstance(code, str) or code[:2].upper() != "WS" or code[2:3] == "2":
+        return None
+    message = body.get("message")
+    message = " ".join(message.split())[:200] if isinstance(message, str) else ""
+    return f"{code}: {message}" if message else code
+
+
+# --- fetching -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MonitorStats:
+    """The client's stats as sent (read-only): which of them matter is `translate`'s business."""
+
+    stats: Mapping[str, Any]
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, Sequence) else "an object"
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+def _object(value: Any, path: list[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        where = ".".join(path) or "(top level)"
+        raise PollError(
+            "bad_response", f"monitor stats: {where}: expected an object, got {_json_kind(value)}"
+        )
+    return value
+
+
+def monitor_stats(body: Any) -> MonitorStats:
+    """`data.stats` of the answer, with or without Kaleyra's `RESPONSE` wrapper."""
+    answer, path = body, []
+    if isinstance(answer, Mapping) and "RESPONSE" in answer:
+        answer, path = answer["RESPONSE"], ["RESPONSE"]
+    for key in ("data", "stats"):
+        if key not in _object(answer, path):
+            where = ".".join(path) or "(top level)"
+            raise PollError("bad_response", f"monitor stats: {where}: no {key!r}")
+        answer = answer[key]
+        path.append(key)
+    try:
+        return MonitorStats(_freeze(_object(answer, path)))
+    except RecursionError:
+        raise PollError("bad_response", "monitor stats: data.stats: nested too deeply") from None
+
+
+async def fetch(account: Account, api: Api, number: str) -> MonitorStats:
+    return monitor_stats(
+        await api.call("GET", account.stats_path.format(number=quote(number, safe="+")))
+    )
+
+
+# --- translating --------------------------------------------------------------------------------
+
+# Ours (number, node, and the exporter's provider, account) or Prometheus' (a summary's `quantile`
+# and a histogram's `le` break parsing when they carry other values).
+_TAKEN_LABELS = frozenset({"number", "node", "provider", "account", "quantile", "le"})
+_INVALID = re.compile(r"[^a-zA-Z0-9_]")
+_UNITS = {"_ms": ("milliseconds", 1e3), "_us": ("microseconds", 1e6)}  # divisors: exact results
+_EXPOSED = {
+    "counter": ("", "_total"),
+    "summary": ("", "_count", "_sum"),
+}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One source family of one section (and node) whose every entry is of the documented shape."""
+
+    name: str  # sanitised
+    path: str  # `section.name` as sent, for help texts
+    type: str
+    help: str
+    entries: tuple[tuple[Labels, float], ...]
+
+
+def _sanitise(name: str) -> str:
+    return _INVALID.sub("_", name)
+
+
+def _label_name(name: str) -> str:
+    name = _sanitise(name) or "_"
+    if name[0].isdigit():
+        name = "_" + name
+    if name.startswith("__"):
+        return "exported" + name
+    return "exported_" + name if name in _TAKEN_LABELS else name
+
+
+def _label_value(value: Any) -> str | None:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, str | int | float) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _labels(raw: Any, base: Labels) -> Labels | None:
+    if raw is None:
+        return base
+    if not isinstance(raw, Mapping):
+        return None
+    labels = list(base)
+    names = {name for name, _ in base}
+    for key, value in raw.items():
+        name, text = _label_name(str(key)), _label_value(value)
+        if text is None:
+            return None
+        if name in names:
+            log.debug(
+                "dropping a label named like an earlier one", extra={"fields": {"label": key}}
+            )
+            continue
+        names.add(name)
+        labels.append((name, text))
+    return tuple(labels)
+
+
+def _source(section: str, key: str, raw: Any, base: Labels) -> _Source | None:
+    data = raw.get("data") if isinstance(raw, Mapping) else None
+    if not isinstance(data, list | tuple):
+        return None
+    entries = []
+    for entry in data:
+        if not isinstance(entry, Mapping):
+            return None
+        value, labels = _number(entry.get("value")), _labels(entry.get("labels"), base)
+        if value is None or labels is None:
+            return None
+        entries.append((labels, value))
+    kind, text = raw.get("type"), raw.get("help")
+    return _Source(
+        name=_sanitise(key),
+        path=f"{section}.{key}",
+        type=kind.strip().lower() if isinstance(kind, str) else "",
+        help=" ".join(text.split()).removesuffix(".") if isinstance(text, str) else "",
+        entries=tuple(entries),
+    )
+
+
+def _is_family(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("data"), list | tuple)
+
+
+def _is_node(value: Any) -> bool:
+    """A node's part of a section: families by name, or `{}` on all but the primary node."""
+    return (
+        isinstance(value, Mapping)
+        and not _is_family(value)
+        and all(isinstance(v, Mapping) for v in value.values())
+    )
+
+
+def _nodes(content: Mapping[str, Any]) -> Iterator[tuple[str | None, Mapping[str, Any]]]:
+    """Multi-node clients nest a section per node; single-node ones hold the families directly."""
+    if any(_is_family(v) for v in content.values()):
+        yield None, content
+        return
+    for node, families in content.items():
+        if _is_node(families):
+            yield node, families
+        else:
+            log.debug("skipping a client stats node that holds no families", extra=_at(node))
+
+
+def _seconds(name: str) -> tuple[str, float, str]:
+    for suffix, (unit, per_second) in _UNITS.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name.removesuffix(suffix) + "_seconds", per_second, unit
+    return name, 1.0, ""
+
+
+def _metric_name(section: str, name: str) -> str:
+    section = _sanitise(section)
+    return f"whatsapp_client_{name if name.startswith(section + '_') else f'{section}_{name}'}"
+
+
+def _help(text: str, origin: str, note: str) -> str:
+    if text:
+        return f"{text} ({origin}{note}). {POLLED}"
+    return f"WhatsApp Business API {origin}{note}. {POLLED}"
+
+
+def _plain(section: str, source: _Source) -> Family:
+    kind = source.type if source.type in ("gauge", "counter") else "untyped"
+    name, per_second, unit = source.name, 1.0, ""
+    if kind == "counter" and name.endswith("_total") and name != "_total":
+        name = name.removesuffix("_total")
+    if kind != "untyped":
+        name, per_second, unit = _seconds(name)
+    note = f", converted from {unit} to seconds" if unit else ""
+    suffix = "_total" if kind == "counter" else ""
+    return Family(
+        _metric_name(section, name),
+        kind,
+        _help(source.help, f"client stat {source.path}", note),
+        tuple(Sample(labels, value / per_second, suffix) for labels, value in source.entries),
+    )
+
+
+def _summary(section: str, base: str, count: _Source, sum_: _Source) -> Family:
+    """Only label sets present in both halves: a count without its sum is no usable summary."""
+    name, per_second, unit = _seconds(base)
+    sums: dict[frozenset, float] = {}
+    for labels, value in sum_.entries:
+        sums.setdefault(frozenset(labels), value)
+    counted = {frozenset(labels) for labels, _ in count.entries}
+    samples = []
+    for labels, value in count.entries:
+        if frozenset(labels) not in sums:
+            log.debug("dropping a count without its sum", extra=_at(count.path, labels))
+            continue
+        sum_value = sums[frozenset(labels)] / per_second
+        samples += [Sample(labels, value, "_count"), Sample(labels, sum_value, "_sum")]
+    for labels, _ in sum_.entries:
+        if frozenset(labels) not in counted:
+            log.debug("dropping a sum without its count", extra=_at(sum_.path, labels))
+    note = f", the sum converted from {unit} to seconds" if unit else ""
+    return Family(
+        _metric_name(section, name),
+        "summary",
+        _help(count.help or sum_.help, f"client stats {count.path} and {sum_.path}", note),
+        tuple(samples),
+    )
+
+
+def _group(section: str, families: Mapping[str, Any], base: Labels) -> Iterator[Family]:
+    """One section (of one node): pairs `<base>_count` with `<base>_sum`, the rest one by one."""
+    sources: dict[str, _Source] = {}
+    for key, raw in families.items():
+        source = _source(section, str(key), raw, base)
+        if source is None:
+            log.debug("skipping a client stat of an unknown shape", extra=_at(f"{section}.{key}"))
+        elif source.name in sources:
+            log.debug("skipping a client stat named like another", extra=_at(f"{section}.{key}"))
+        else:
+            sources[source.name] = source
+    paired: set[str] = set()
+    for name, source in sources.items():
+        stem, _, part = name.rpartition("_")
+        count, sum_ = sources.get(f"{stem}_count"), sources.get(f"{stem}_sum")
+        if not stem or part not in ("count", "sum") or count is None or sum_ is None:
+            yield _plain(section, source)
+        elif stem not in paired:
+            paired.add(stem)
+            yield _summary(section, stem, count, sum_)
+
+
+_warned: set[str] = set()  # names already warned about; a clash would otherwise log every poll
+
+
+def _clash(message: str, family: Family, first: Family) -> None:
+    if family.name not in _warned:
+        _warned.add(family.name)
+        fields = {"metric": family.name, "type": family.type, "first": first.name}
+        log.warning(message, extra={"fields": {**fields, "first_type": first.type}})
+
+
+def _at(stat: Any, labels: Labels = ()) -> dict[str, Any]:
+    """Log fields naming a client stat (never a secret; the number is the business's own)."""
+    return {"fields": {"stat": str(stat), **({"labels": dict(labels)} if labels else {})}}
+
+
+def _exposed(family: Family) -> list[str]:
+    return [family.name + suffix for suffix in _EXPOSED.get(family.type, ("",))]
+
+
+def _merge(families: Iterable[Family]) -> list[Family]:
+    """Same name and type: one family. Otherwise the first wins, so the exposition stays valid."""
+    kept: dict[str, Family] = {}
+    samples: dict[str, dict[tuple[str, frozenset], Sample]] = {}
+    owner: dict[str, Family] = {}  # every sample name a kept family exposes -> that family
+    for family in families:
+        first = kept.get(family.name)
+        if first is None:
+            other = next((owner[n] for n in _exposed(family) if n in owner), None)
+            if other is not None:
+                _clash("dropping a client stat whose samples clash with another's", family, other)
+                continue
+            kept[family.name] = family
+            samples[family.name] = {}
+            owner.update(dict.fromkeys(_exposed(family), family))
+        elif first.type != family.type:
+            _clash(
+                "dropping a client stat of another type than the first of its name", family, first
+            )
+            continue
+        bucket = samples[family.name]
+        for sample in family.samples:
+            bucket.setdefault((sample.suffix, frozenset(sample.labels)), sample)
+    return [
+        replace(kept[name], samples=tuple(samples[name].values()))
+        for name in sorted(kept)
+        if samples[name]
+    ]
+
+
+def translate(number: str, result: MonitorStats) -> list[Family]:
+    """Every family the client sent, renamed and typed by rule (design.md, "Metric contract")."""
+
+    def families() -> Iterator[Family]:
+        for section, content in result.stats.items():
+            if not isinstance(content, Mapping):
+                log.debug("skipping a client stats section that is no object", extra=_at(section))
+                continue
+            for node, group in _nodes(content):
+                base: Labels = (("number", number),)
+                if node is not None:
+                    base += (("node", str(node)),)
+                yield from _group(str(section), group, base)
+
+    return _merge(families())
+
+
+# --- the provider -------------------------------------------------------------------------------
+
+
+def endpoints(account: Account, defaults: Defaults) -> list[Endpoint]:
+    numbers = tuple(account.numbers)
+
+    def targets(known: Known) -> Sequence[str]:
+        return numbers
+
+    return [
+        Endpoint(
+            "monitor_stats",
+            account.interval or defaults.interval,
+            targets,
+            functools.partial(fetch, account),
+            translate,
+        )
+    ]
+
+
+PROVIDER = Provider(
+    name="kaleyra",
+    account_model=Account,
+    default_rate_limit=RateLimit(requests=60, period=60.0),
+    headers=headers,
+    endpoints=endpoints,
+    provider_error=provider_error,
+)

@@ -1,0 +1,258 @@
+"""Polls every account's endpoints on their own schedule and writes the answers to the snapshot.
+
+Each account has one HTTP client (one connection pool) and one request budget shared by all of its
+endpoints. Each endpoint is one APScheduler job: its first run happens at start, in endpoint order
+(WhatsGate's device list before the per-device reports), then at its interval with jitter, never
+overlapping itself. Failures stop at the target they happened to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from exporter import __version__
+from exporter.config import AccountBase, Config
+from exporter.providers.base import Api, Endpoint, PollError, Provider
+from exporter.ratelimit import RequestBudget
+from exporter.snapshot import Snapshot, TargetKey
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"whatsapp-delivery-exporter/{__version__}"
+
+
+@dataclass(eq=False)
+class Poller:
+    """One configured account while it runs."""
+
+    provider: Provider
+    account: AccountBase
+    timeout: float
+    endpoints: list[Endpoint]
+    api: Api
+    known: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    job_ids: list[str] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    failing: dict[str, str] = field(default_factory=dict)  # target key -> reason, to log changes
+
+    @property
+    def name(self) -> tuple[str, str]:
+        return self.provider.name, self.account.account
+
+
+class Scheduler:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        providers: Mapping[str, Provider],
+        *,
+        strict: bool = False,
+        rng: random.Random | None = None,
+    ):
+        self.snapshot = snapshot
+        self.providers = providers
+        self.strict = (
+            strict  # tests: a programming error raises instead of counting as bad_response
+        )
+        self._rng = rng or random.Random()
+        self._pollers: dict[tuple[str, str], Poller] = {}
+        self._config: Config | None = None
+        self._aps: AsyncIOScheduler | None = None
+        self._ready = False
+        self._publish_pending = False
+
+    @property
+    def ready(self) -> bool:
+        """True once every account of the first config finished its first round of polls."""
+        if not self._ready and self._pollers:
+            self._ready = all(p.started.is_set() for p in self._pollers.values())
+        return self._ready
+
+    def pollers(self) -> list[Poller]:
+        return list(self._pollers.values())
+
+    async def apply(self, config: Config) -> None:
+        """Start polling `config`; on reload, only accounts whose config changed are restarted."""
+        if self._aps is None:
+            self._aps = AsyncIOScheduler(timezone=dt.UTC)
+            self._aps.add_job(self._expire, IntervalTrigger(seconds=1), id="staleness")
+            self._aps.start()
+        defaults_changed = self._config is None or self._config.defaults != config.defaults
+        wanted = {(provider, account.account): account for provider, account in config.accounts()}
+        for name, poller in list(self._pollers.items()):
+            if defaults_changed or wanted.get(name) != poller.account:
+                await self._stop_poller(poller)
+                del self._pollers[name]
+        new = [
+            self._make_poller(provider, account, config)
+            for (provider, _), account in wanted.items()
+            if (provider, account.account) not in self._pollers
+        ]
+        for poller in new:
+            self._pollers[poller.name] = poller
+        self.snapshot.configure(
+            config.defaults.stale_after,
+            [(*p.name, e.name) for p in self._pollers.values() for e in p.endpoints],
+        )
+        self._config = config
+        for poller in new:
+            self._track(poller, asyncio.create_task(self._start_poller(poller)))
+        self._publish_soon()
+
+    async def close(self) -> None:
+        if self._aps is not None:
+            self._aps.shutdown(wait=False)
+            self._aps = None
+        for poller in list(self._pollers.values()):
+            await self._stop_poller(poller)
+        self._pollers.clear()
+
+    # --- account lifecycle ---
+
+    def _make_poller(self, provider_name: str, account: AccountBase, config: Config) -> Poller:
+        provider = self.providers[provider_name]
+        timeout = account.timeout or config.defaults.timeout
+        rate = account.rate_limit or provider.default_rate_limit
+        client = httpx.AsyncClient(
+            base_url=account.base_url,
+            headers={"User-Agent": USER_AGENT, **provider.headers(account)},
+            timeout=timeout,
+            follow_redirects=False,
+        )
+        api = Api(client, RequestBudget(rate.requests, rate.period), provider.provider_error)
+        return Poller(provider, account, timeout, provider.endpoints(account, config.defaults), api)
+
+    async def _start_poller(self, poller: Poller) -> None:
+        await asyncio.sleep(self._rng.uniform(0, 0.5))  # accounts do not all fire at once
+        try:
+            for endpoint in poller.endpoints:
+                await self._poll(poller, endpoint)
+        finally:
+            poller.started.set()
+        if self._aps is None or self._pollers.get(poller.name) is not poller:
+            return
+        now = dt.datetime.now(dt.UTC)
+        for endpoint in poller.endpoints:
+            job_id = f"{poller.provider.name}/{poller.account.account}/{endpoint.name}"
+            offset = self._rng.uniform(0, min(endpoint.interval * 0.1, 10))
+            self._aps.add_job(
+                self._run_job,
+                IntervalTrigger(
+                    seconds=endpoint.interval,
+                    start_date=now + dt.timedelta(seconds=endpoint.interval + offset),
+                    jitter=min(endpoint.interval * 0.05, 5),
+                    timezone=dt.UTC,
+                ),
+                args=(poller, endpoint),
+                id=job_id,
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+            poller.job_ids.append(job_id)
+
+    async def _stop_poller(self, poller: Poller) -> None:
+        for job_id in poller.job_ids:
+            if self._aps is not None and self._aps.get_job(job_id):
+                self._aps.remove_job(job_id)
+        for task in list(poller.tasks):
+            task.cancel()
+        await asyncio.gather(*poller.tasks, return_exceptions=True)
+        await poller.api.client.aclose()
+
+    def _track(self, poller: Poller, task: asyncio.Task) -> None:
+        poller.tasks.add(task)
+        task.add_done_callback(poller.tasks.discard)
+
+    async def _run_job(self, poller: Poller, endpoint: Endpoint) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._track(poller, task)
+        await self._poll(poller, endpoint)
+
+    # --- one endpoint, every target ---
+
+    async def _poll(self, poller: Poller, endpoint: Endpoint) -> None:
+        provider, account = poller.name
+        targets = list(dict.fromkeys(endpoint.targets(poller.known)))
+        self.snapshot.retain(provider, account, endpoint.name, targets)
+        known = poller.known.setdefault(endpoint.name, {})
+        for gone in set(known) - set(targets):
+            del known[gone]
+        for target in targets:
+            key = TargetKey(provider, account, endpoint.name, target)
+            started = time.monotonic()
+            try:
+                result = await endpoint.fetch(poller.api, target)
+                families = endpoint.families(target, result)
+            except PollError as error:
+                self._failed(poller, key, endpoint, error, time.monotonic() - started)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                error = PollError("bad_response", f"unexpected {type(exc).__name__}: {exc}"[:300])
+                log.debug("unexpected error while polling", exc_info=True)
+                self._failed(poller, key, endpoint, error, time.monotonic() - started)
+            else:
+                known[target] = result
+                self.snapshot.succeeded(
+                    key, endpoint.interval, families, time.monotonic() - started
+                )
+                if poller.failing.pop(_tag(key), None):
+                    log.info("poll recovered", extra={"fields": _fields(key)})
+            self._publish_soon()
+
+    def _failed(
+        self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float
+    ) -> None:
+        self.snapshot.failed(key, endpoint.interval, error, took)
+        # log when a target starts failing or fails differently, not on every poll of a dead one
+        level = logging.WARNING if poller.failing.get(_tag(key)) != error.reason else logging.DEBUG
+        poller.failing[_tag(key)] = error.reason
+        log.log(
+            level,
+            "poll failed",
+            extra={"fields": {**_fields(key), "reason": error.reason, "error": error.detail}},
+        )
+
+    # --- rendering ---
+
+    def _publish_soon(self) -> None:
+        """Coalesce: many targets finishing in one loop iteration render once."""
+        if not self._publish_pending:
+            self._publish_pending = True
+            asyncio.get_running_loop().call_soon(self._publish)
+
+    def _publish(self) -> None:
+        self._publish_pending = False
+        self.snapshot.publish()
+
+    async def _expire(self) -> None:
+        self.snapshot.expire()
+        self.snapshot.publish()
+
+
+def _tag(key: TargetKey) -> str:
+    return f"{key.endpoint}/{key.target}"
+
+
+def _fields(key: TargetKey) -> dict[str, str]:
+    return {
+        "provider": key.provider,
+        "account": key.account,
+        "endpoint": key.endpoint,
+        "target": key.target,
+    }
