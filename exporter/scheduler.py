@@ -181,7 +181,11 @@ class Scheduler:
         task = asyncio.current_task()
         if task is not None:
             self._track(poller, task)
-        await self._poll(poller, endpoint)
+        try:
+            await self._poll(poller, endpoint)
+        except asyncio.CancelledError:
+            # stopped by a reload or shutdown; APScheduler would log it as a crash with a traceback
+            return
 
     # --- one endpoint, every target ---
 

@@ -49,14 +49,14 @@ def parse_exposition(text: str) -> Series:
     }
 
 
-def value(series: Series, name: str, **labels: str) -> float | None:
+def value(series: Series, name: str, /, **labels: str) -> float | None:
     """The value of the one sample with these labels (a subset of its labels), or None."""
     found = [v for (n, ls), v in series.items() if n == name and set(labels.items()) <= ls]
     assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
     return found[0] if found else None
 
 
-def values(series: Series, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+def values(series: Series, name: str, /, **labels: str) -> list[tuple[dict[str, str], float]]:
     return [
         (dict(ls), v)
         for (n, ls), v in sorted(series.items(), key=lambda i: sorted(i[0][1]))

@@ -189,10 +189,12 @@ class Api:
             raise PollError("rate_limited", f"HTTP 429, waiting {wait:g}s before the next request")
         if status == 404:
             raise PollError("not_found", f"HTTP 404: {detail}")
+        if status >= 500:  # the provider's server broke, whatever its body says
+            raise PollError("http_5xx", detail if not message else f"HTTP {status}: {message}")
         if status >= 300 or status < 200:
             if message:
                 raise PollError("provider_error", f"HTTP {status}: {message}")
-            raise PollError("http_5xx" if status >= 500 else "http_4xx", detail)
+            raise PollError("http_4xx", detail)
         if body is _NOT_JSON:
             raise PollError("bad_response", f"the answer is not JSON: {_snippet(response)}")
         if message:
