@@ -137,16 +137,17 @@ def _handler(
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/-/reload":
-                self._drain()
+                refused = self._read_body()
+                if isinstance(refused, Response):
+                    self._answer(refused)
+                    return
                 ok, message = reload()
                 self._answer(text(200 if ok else 500, message))
                 return
             route = _find(routes, prefix_routes, "POST", path)
-            if route is None:
-                self._drain()
-                self._answer(self._missing(path))
-                return
             body = self._read_body()
+            if route is None and not isinstance(body, Response):
+                body = self._missing(path)
             if isinstance(body, Response):
                 self._answer(body)
                 return
@@ -154,8 +155,9 @@ def _handler(
             self._answer(route(Request("POST", path, headers, body)))
 
         def do_PUT(self) -> None:
-            self._drain()
-            self._answer(self._missing(self.path.split("?", 1)[0]))
+            body = self._read_body()
+            path = self.path.split("?", 1)[0]
+            self._answer(body if isinstance(body, Response) else self._missing(path))
 
         do_DELETE = do_PATCH = do_PUT
 
@@ -219,11 +221,6 @@ def _handler(
                     413, {"error": f"body of {length} bytes is over the limit of {max_body}"}
                 )
             return self.rfile.read(length)
-
-        def _drain(self) -> None:
-            body = self._read_body()
-            if isinstance(body, Response):
-                self.close_connection = True
 
         def _answer(self, response: Response, head: bool = False) -> None:
             self.send_response(response.status)

@@ -1,0 +1,177 @@
+"""The HTTP surface: /metrics, landing page, health, readiness, reload; and bad requests."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import subprocess
+
+import httpx
+import pytest
+
+from exporter import snapshot as snapshot_module
+from exporter.simulator import Fault
+from exporter.simulator.betatel import BetatelSimulator
+from exporter.simulator.kaleyra import KaleyraSimulator
+from exporter.simulator.whatsgate import WhatsGateSimulator
+from tests.conftest import parse_exposition, require_tool, run_exporter, value, wait_for
+
+
+@pytest.fixture
+def sims():
+    with (
+        WhatsGateSimulator(devices=2, auto=True, tick=0.2) as whatsgate,
+        BetatelSimulator(auto=True, tick=0.2) as betatel,
+        KaleyraSimulator(numbers=["+12025550100"], auto=True, tick=0.2) as kaleyra,
+    ):
+        yield {"whatsgate": whatsgate, "betatel": betatel, "kaleyra": kaleyra}
+
+
+def all_config(sims, interval: str = "1s") -> str:
+    return f"""
+defaults: {{interval: {interval}, timeout: 2s}}
+whatsgate:
+  - {{account: acme, base_url: "{sims["whatsgate"].base_url}", token: demo-token,
+      balance: {{interval: {interval}}}, failed_numbers: {{interval: {interval}}}}}
+betatel:
+  - {{account: eu, base_url: "{sims["betatel"].base_url}", api_key: demo-key,
+      account_id: demo-account, windows: [last5m, today, daily]}}
+kaleyra:
+  - {{account: main, base_url: "{sims["kaleyra"].base_url}", numbers: ["+12025550100"]}}
+"""
+
+
+def test_whole_output_passes_promtool_and_the_parser_and_values_move(sims):
+    promtool = require_tool("promtool", "prometheus")
+    with run_exporter(all_config(sims)) as running:
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        first = running.metrics_text()
+        wait_for(lambda: running.metrics_text() != first, 10, "values to change")
+        text = running.metrics_text()
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == b""
+    series = parse_exposition(text)
+    names = {name for name, _ in series}
+    for expected in (
+        "whatsapp_device_connected",
+        "whatsapp_balance_remaining_messages",
+        "whatsapp_failed_recipients",
+        "whatsapp_stats_requests",
+        "whatsapp_client_app_callback_queue_size",
+        "whatsapp_exporter_up",
+        "whatsapp_exporter_build_info",
+    ):
+        assert expected in names
+    assert all(name.startswith("whatsapp_") for name in names)
+    assert all(
+        ("provider", p) in labels
+        for (name, labels), _ in series.items()
+        if not name.startswith("whatsapp_exporter_")
+        for p in [dict(labels).get("provider")]
+    )
+    assert "demo-token" not in text and "demo-key" not in text
+
+
+def test_gzip_health_landing_page_and_unknown_paths(sims):
+    sims["betatel"].fail("stats", Fault.status(401))
+    with run_exporter(all_config(sims, "30s")) as running:
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        plain = httpx.get(f"{running.url}/metrics", headers={"Accept-Encoding": "identity"})
+        zipped = httpx.get(f"{running.url}/metrics", headers={"Accept-Encoding": "gzip"})
+        raw = httpx.Client().send(
+            httpx.Request("GET", f"{running.url}/metrics", headers={"Accept-Encoding": "gzip"}),
+            stream=True,
+        )
+        compressed = b"".join(raw.iter_raw())
+        page = httpx.get(f"{running.url}/")
+        healthy = httpx.get(f"{running.url}/-/healthy")
+        missing = httpx.get(f"{running.url}/nope")
+        reload_get = httpx.get(f"{running.url}/-/reload")
+        metrics_post = httpx.post(f"{running.url}/metrics")
+    assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "content-encoding" not in plain.headers
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert gzip.decompress(compressed) == plain.content
+    assert len(compressed) < len(plain.content) / 3
+    assert healthy.status_code == 200
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<a href="/metrics">' in page.text
+    assert "<td>whatsgate</td><td>acme</td><td>devices_status</td>" in page.text
+    assert "auth: HTTP 401" in page.text  # the failing targets say why
+    assert "demo-key" not in page.text
+    assert missing.status_code == 404
+    assert reload_get.status_code == 405 and reload_get.headers["allow"] == "POST"
+    assert metrics_post.status_code == 405
+
+
+def test_ready_only_after_the_first_polls(sims):
+    sims["whatsgate"].fail("devices_status", Fault.latency(1.5), times=1)
+    with run_exporter(all_config(sims, "30s")) as running:
+        assert httpx.get(f"{running.url}/-/ready").status_code == 503
+        assert httpx.get(f"{running.url}/-/healthy").status_code == 200
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+
+
+def test_scrapes_never_render(sims, monkeypatch):
+    renders = []
+    original = snapshot_module.render
+    monkeypatch.setattr(snapshot_module, "render", lambda *a: renders.append(1) or original(*a))
+    with run_exporter(all_config(sims, "1h")) as running:
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        before = len(renders)
+        bodies = {httpx.get(f"{running.url}/metrics").content for _ in range(30)}
+        assert len(renders) == before
+        assert len(bodies) == 1
+
+
+def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):
+    path = tmp_path / "config.yaml"
+    whatsgate_only = all_config(sims, "1s").split("betatel:")[0]
+    path.write_text(whatsgate_only)
+    with run_exporter(path) as running:
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        assert value(running.scrape(), "whatsapp_exporter_up", provider="kaleyra") is None
+
+        path.write_text(all_config(sims, "1s"))
+        good = httpx.post(f"{running.url}/-/reload", timeout=30)
+        assert (good.status_code, good.text) == (200, "Reloaded.\n")
+        running.wait_for_metric("whatsapp_client_app_callback_queue_size", number="+12025550100")
+        assert value(running.scrape(), "whatsapp_exporter_config_last_reload_successful") == 1
+
+        path.write_text(all_config(sims, "1s") + "bogus: 1\n")
+        bad = httpx.post(f"{running.url}/-/reload", timeout=30)
+        assert bad.status_code == 500
+        assert "bogus: unknown key" in bad.text
+        series = running.scrape()
+        assert value(series, "whatsapp_exporter_config_last_reload_successful") == 0
+        # the old config keeps polling
+        count = len(sims["kaleyra"].requests)
+        wait_for(lambda: len(sims["kaleyra"].requests) > count, 10, "polls to go on")
+        assert value(running.scrape(), "whatsapp_exporter_up", provider="kaleyra") == 1
+
+        path.write_text(whatsgate_only)
+        assert httpx.post(f"{running.url}/-/reload", timeout=30).status_code == 200
+        series = running.scrape()
+        assert value(series, "whatsapp_exporter_config_last_reload_successful") == 1
+        # a removed account leaves /metrics entirely, its error counters too
+        assert not any(dict(labels).get("provider") == "kaleyra" for _, labels in series)
+
+
+def test_garbage_requests_get_an_answer_and_the_server_lives_on(sims):
+    with run_exporter(all_config(sims, "30s")) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        for garbage in (
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"POST /-/reload HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(garbage)
+                answer = conn.recv(4096)
+            # HTTP/0.9-style garbage gets its answer without a status line, as the protocol says
+            assert b"400" in answer or b"505" in answer, answer
+        assert httpx.get(f"{running.url}/-/healthy").status_code == 200
