@@ -1,0 +1,38 @@
+# The two commands a newcomer needs:
+#   make demo   set everything up and run the exporter against the built-in simulators
+#   make test   set everything up (Python packages and the Debian tools the tests use) and run
+#               every test, lint included
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LISTEN ?= :10467
+
+.PHONY: demo test setup tools lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable ".[dev]"
+	@touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/whatsapp-exporter --demo --web.listen-address=$(LISTEN)
+
+tools: setup
+	scripts/install-test-tools $(BIN)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: tools lint
+	$(BIN)/pytest
+
+bench: setup
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,180 @@
+"""The command as an operator runs it: a real process, real signals, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter.simulator.whatsgate import WhatsGateSimulator
+from tests.conftest import parse_exposition, require_tool, value, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "exporter", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str, float]:
+    began = time.monotonic()
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=15)
+    return process.returncode, stderr, time.monotonic() - began
+
+
+def scrape(url: str) -> dict | None:
+    try:
+        return parse_exposition(httpx.get(f"{url}/metrics", timeout=2).text)
+    except httpx.HTTPError:
+        return None
+
+
+def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigterm():
+    promtool = require_tool("promtool", "prometheus")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    began = time.monotonic()
+    process = start("--demo", f"--web.listen-address=127.0.0.1:{port}")
+    try:
+        wanted = {
+            "whatsgate": "whatsapp_balance_remaining_messages",
+            "betatel": "whatsapp_stats_requests",
+            "kaleyra": "whatsapp_client_app_callback_queue_size",
+        }
+
+        def every_provider() -> dict | None:
+            series = scrape(url)
+            if series and all(value_of(series, m) for m in wanted.values()):
+                return series
+            return None
+
+        first = wait_for(every_provider, 10, "metrics of every provider")
+        assert time.monotonic() - began < 10
+        wait_for(lambda: scrape(url) != first, 10, "values to change")
+        text = httpx.get(f"{url}/metrics").text
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+        )
+        assert check.returncode == 0 and check.stdout + check.stderr == b"", check
+    finally:
+        code, stderr, took = stop(process)
+    assert code == 0
+    assert took < 5
+    assert "Traceback" not in stderr
+    assert f"http://localhost:{port}/metrics" in stderr
+
+
+def value_of(series: dict, name: str) -> bool:
+    return any(n == name for n, _ in series)
+
+
+def test_sighup_reloads_the_config_file(tmp_path):
+    with WhatsGateSimulator(devices=1, auto=False) as sim:
+        port = free_port()
+        config = tmp_path / "config.yaml"
+        config.write_text("whatsgate: []\n")
+        process = start(f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: scrape(url) is not None, 10, "the exporter to listen")
+            config.write_text(
+                f"whatsgate:\n  - {{account: a, base_url: '{sim.base_url}', token: demo-token}}\n"
+            )
+            process.send_signal(signal.SIGHUP)
+            wait_for(
+                lambda: (
+                    value(scrape(url) or {}, "whatsapp_device_connected", account="a") is not None
+                ),
+                10,
+                "the reloaded account's metrics",
+            )
+        finally:
+            code, stderr, _ = stop(process, signal.SIGINT)
+    assert code == 0
+    assert "config reloaded" in stderr
+
+
+def test_json_logs_are_one_object_a_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("whatsgate:\n  - {account: a, base_url: 'http://127.0.0.1:9', token: t}\n")
+    port = free_port()
+    process = start(
+        f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}", "--log.format=json"
+    )
+    wait_for(
+        lambda: value(scrape(f"http://127.0.0.1:{port}") or {}, "whatsapp_exporter_up") == 0,
+        10,
+        "the first poll to fail",
+    )
+    code, stderr, _ = stop(process)
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    assert code == 0
+    failed = [line for line in lines if line["msg"] == "poll failed"]
+    assert failed and failed[0]["reason"] == "connect" and failed[0]["level"] == "warn"
+    assert all({"ts", "level", "msg"} <= set(line) for line in lines)
+    assert "t" not in {line.get("token") for line in lines}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--web.listen-address=nope"], 2, "--web.listen-address 'nope': expected host:port"),
+        (["--log.level=loud"], 2, "invalid choice: 'loud'"),
+        (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_flags_are_messages(args, code, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_message_and_exit_1(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("whatsgate: []\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
