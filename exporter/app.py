@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.providers import PROVIDERS
+from exporter.ingest import Ingest
+from exporter.ledger import Ledger
+from exporter.providers import PROVIDERS, d7
+from exporter.providers.base import Services
 from exporter.scheduler import Scheduler
 from exporter.snapshot import Snapshot
 from exporter.web import WebServer
@@ -21,10 +24,20 @@ log = logging.getLogger(__name__)
 class Exporter:
     """The running exporter. `load` is called at start and on every reload (SIGHUP, /-/reload)."""
 
-    def __init__(self, load: Callable[[], Config], listen_address: str, *, strict: bool = False):
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        listen_address: str,
+        *,
+        storage_path: str = "whatsapp-exporter.db",
+        strict: bool = False,
+    ):
         self._load = load
         self._listen = listen_address
+        self._storage_path = storage_path
         self._strict = strict
+        self._config: Config | None = None
+        self.ledger: Ledger | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
@@ -42,12 +55,22 @@ class Exporter:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self.scheduler = Scheduler(self.snapshot, PROVIDERS, strict=self._strict)
+        self._config = config
+        # the ledger opens before anything listens: a bad --storage.path stops the start
+        self.ledger = Ledger(self._storage_path)
+        self.ledger.on_change(self._publish_ledger)
+        self._publish_ledger()
+        self.scheduler = Scheduler(
+            self.snapshot, PROVIDERS, services=Services(ledger=self.ledger), strict=self._strict
+        )
+        routes, prefix_routes = Ingest(self.ledger, self._d7_accounts).routes()
         self.web = WebServer(
             self._listen,
             self.snapshot,
             ready=lambda: self.scheduler is not None and self.scheduler.ready,
             reload=self.reload_from_thread,
+            routes=routes,
+            prefix_routes=prefix_routes,
         )
         await self.scheduler.apply(config)
         self.web.start()
@@ -63,6 +86,7 @@ class Exporter:
             log.info("shutting down")
             self.web.stop()
             await self.scheduler.close()
+            self.ledger.close()
 
     def stop(self) -> None:
         """Thread-safe: end run()."""
@@ -84,10 +108,21 @@ class Exporter:
                     )
                 return False, "Reload failed, the running config is kept:\n" + "\n".join(exc.errors)
             await self.scheduler.apply(config)
+            self._config = config
             self.snapshot.reload_result(True)
             self.snapshot.publish()
             log.info("config reloaded", extra={"fields": {"accounts": len(config.accounts())}})
             return True, "Reloaded."
+
+    def _d7_accounts(self) -> dict[str, d7.Account]:
+        config = self._config
+        return {a.account: a for a in getattr(config, "d7", [])} if config else {}
+
+    def _publish_ledger(self) -> None:
+        """Counters kept by the exporter itself: shown as soon as they change, never stale."""
+        assert self.ledger is not None
+        self.snapshot.set_extra("d7", d7.ledger_families(self.ledger.totals()))
+        self.snapshot.publish()
 
     def reload_from_thread(self) -> tuple[bool, str]:
         assert self._loop is not None

@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=f":{DEFAULT_PORT}",
         help="address to serve /metrics on (default: %(default)s)",
     )
+    parser.add_argument(
+        "--storage.path",
+        dest="storage_path",
+        default=None,
+        help="SQLite file of the D7 request ledger (default: %(default)s, in the working dir)",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=logs.LEVELS, default="info")
     parser.add_argument(
         "--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt"
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         from exporter import demo  # noqa: PLC0415 - the simulators load only when asked for
 
-        return demo.run(args.listen_address)
+        return demo.run(args.listen_address, args.storage_path)
+    storage_path = args.storage_path or "whatsapp-exporter.db"
 
     load = functools.partial(load_config, args.config_file, ACCOUNT_MODELS)
     try:
@@ -75,15 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.config_check:
         print(f"{args.config_file}: OK, {len(config.accounts())} account(s)")
         return 0
-    return serve(load, config, args.listen_address)
+    return serve(load, config, args.listen_address, storage_path)
 
 
-def serve(load, config, listen_address: str) -> int:
+def serve(load, config, listen_address: str, storage_path: str) -> int:
     from exporter.app import Exporter  # noqa: PLC0415 - keeps --config.check light
+    from exporter.ledger import LedgerError  # noqa: PLC0415
 
-    exporter = Exporter(load, listen_address)
+    exporter = Exporter(load, listen_address, storage_path=storage_path)
     try:
         asyncio.run(exporter.run(config))
+    except LedgerError as exc:
+        print(f"whatsapp-exporter: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"whatsapp-exporter: cannot listen on {listen_address}: {exc.strerror or exc}",

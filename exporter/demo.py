@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import httpx
 
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
+from exporter.ledger import LedgerError
 from exporter.providers import ACCOUNT_MODELS
 from exporter.simulator import SIMULATORS, Simulator
 
 log = logging.getLogger(__name__)
 
 KALEYRA_NUMBERS = ("+12025550100", "+12025550101")
+INGEST_TOKEN = "demo-ingest-token"
 
 
 def start_simulators(seed: int = 1) -> dict[str, Simulator]:
@@ -59,6 +67,11 @@ d7:
   - account: demo
     base_url: {sims["d7"].base_url}
     token: demo-token
+    ingest_token: {INGEST_TOKEN}
+    interval: 1s
+    retry_first: 2s
+    retry_max: 10s
+    not_found_grace: 30s
 kaleyra:
   - account: demo
     base_url: {sims["kaleyra"].base_url}
@@ -66,20 +79,52 @@ kaleyra:
 """
 
 
-def run(listen_address: str) -> int:
+def send_d7_traffic(sim: Simulator, exporter_url: str, stop: threading.Event) -> None:
+    """What a sending application does: send through D7, hand the request ids to the exporter.
+    D7's webhooks (from the simulator) report the same messages: each status still counts once."""
+    rng = random.Random(7)
+    auth = {"Authorization": f"Bearer {INGEST_TOKEN}"}
+    sim.webhook_url = f"{exporter_url}/webhooks/d7/demo"
+    sim.webhook_headers = auth
+    with httpx.Client(timeout=5) as client:
+        while not stop.wait(1.0):
+            ids = [
+                sim.send(
+                    recipients=rng.randint(1, 2),
+                    conversation_type=rng.choice(("marketing", "utility", "service")),
+                    message_type=rng.choice(("TEMPLATE", "TEXT")),
+                )
+                for _ in range(rng.randint(1, 3))
+            ]
+            try:
+                client.post(
+                    f"{exporter_url}/api/v1/requests",
+                    json={"account": "demo", "request_ids": ids},
+                    headers=auth,
+                )
+            except httpx.HTTPError as exc:
+                log.warning("demo traffic: %s", exc)
+
+
+def run(listen_address: str, storage_path: str | None = None) -> int:
     sims = start_simulators()
     text = demo_config_text(sims)
 
     def load() -> Config:
         return parse_config(text, ACCOUNT_MODELS, source="demo config")
 
-    exporter = Exporter(load, listen_address)
+    # demo data is throwaway unless a --storage.path says otherwise
+    storage = storage_path or str(Path(tempfile.mkdtemp(prefix="whatsapp-demo-")) / "ledger.db")
+    exporter = Exporter(load, listen_address, storage_path=storage)
     print("Demo mode: polling the built-in simulators with this config:\n", file=sys.stderr)
     print(text, file=sys.stderr)
     for name, sim in sims.items():
         print(f"  {name:<9} simulator: {sim.url}", file=sys.stderr)
     try:
-        asyncio.run(_run_and_announce(exporter, load()))
+        asyncio.run(_run_and_announce(exporter, load(), sims["d7"]))
+    except LedgerError as exc:
+        print(f"whatsapp-exporter: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"whatsapp-exporter: cannot listen on {listen_address}: {exc.strerror or exc}",
@@ -94,11 +139,19 @@ def run(listen_address: str) -> int:
     return 0
 
 
-async def _run_and_announce(exporter: Exporter, config: Config) -> None:
+async def _run_and_announce(exporter: Exporter, config: Config, d7_sim: Simulator) -> None:
     task = asyncio.create_task(exporter.run(config))
     while not exporter.started.is_set() and not task.done():
         await asyncio.sleep(0.05)
+    stop = threading.Event()
     if exporter.started.is_set():
         url = f"http://localhost:{exporter.port}"
         print(f"\nExporter: {url}/  metrics: {url}/metrics  (Ctrl-C stops)\n", file=sys.stderr)
-    await task
+        local = f"http://127.0.0.1:{exporter.port}"
+        threading.Thread(
+            target=send_d7_traffic, args=(d7_sim, local, stop), daemon=True, name="d7-traffic"
+        ).start()
+    try:
+        await task
+    finally:
+        stop.set()

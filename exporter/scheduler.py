@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter import __version__
 from exporter.config import AccountBase, Config
-from exporter.providers.base import Api, Endpoint, PollError, Provider
+from exporter.providers.base import Api, Endpoint, PollError, Provider, Services
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
 
@@ -58,11 +58,13 @@ class Scheduler:
         snapshot: Snapshot,
         providers: Mapping[str, Provider],
         *,
+        services: Services | None = None,
         strict: bool = False,
         rng: random.Random | None = None,
     ):
         self.snapshot = snapshot
         self.providers = providers
+        self.services = services or Services()
         self.strict = (
             strict  # tests: a programming error raises instead of counting as bad_response
         )
@@ -132,7 +134,13 @@ class Scheduler:
             follow_redirects=False,
         )
         api = Api(client, RequestBudget(rate.requests, rate.period), provider.provider_error)
-        return Poller(provider, account, timeout, provider.endpoints(account, config.defaults), api)
+        return Poller(
+            provider,
+            account,
+            timeout,
+            provider.endpoints(account, config.defaults, self.services),
+            api,
+        )
 
     async def _start_poller(self, poller: Poller) -> None:
         await asyncio.sleep(self._rng.uniform(0, 0.5))  # accounts do not all fire at once

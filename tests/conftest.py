@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,7 +94,11 @@ class Running:
 
 @contextlib.contextmanager
 def run_exporter(
-    config: str | Path, *, env: dict[str, str] | None = None, strict: bool = True
+    config: str | Path,
+    *,
+    env: dict[str, str] | None = None,
+    strict: bool = True,
+    storage: Path | None = None,
 ) -> Iterator[Running]:
     """Run the exporter against YAML text (or a file, which then also serves reloads)."""
     if isinstance(config, Path):
@@ -107,7 +112,8 @@ def run_exporter(
         def load() -> Config:
             return parse_config(text, ACCOUNT_MODELS, env=env or {})
 
-    exporter = Exporter(load, "127.0.0.1:0", strict=strict)
+    storage = storage or Path(tempfile.mkdtemp(prefix="ledger-")) / "ledger.db"
+    exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict)
     first = load()
     failure: list[BaseException] = []
 

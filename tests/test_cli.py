@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def free_port() -> int:
 
 
 def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """Runs in a fresh directory unless told otherwise: the ledger file lands there."""
     return subprocess.Popen(
         [sys.executable, "-m", "exporter", *args],
-        cwd=cwd,
+        cwd=cwd or tempfile.mkdtemp(prefix="exporter-cwd-"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -174,6 +176,7 @@ def test_port_in_use_is_a_message_and_exit_1(tmp_path):
             capture_output=True,
             text=True,
             timeout=60,
+            cwd=tmp_path,
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

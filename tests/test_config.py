@@ -133,7 +133,12 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
     text = (
         (ROOT / "config.example.yaml").read_text().replace("/run/secrets/d7", str(tmp_path / "d7"))
     )
-    env = {"WHATSGATE_TOKEN": "w", "BETATEL_API_KEY": "b", "BETATEL_ACCOUNT_ID": "a"}
+    env = {
+        "WHATSGATE_TOKEN": "w",
+        "BETATEL_API_KEY": "b",
+        "BETATEL_ACCOUNT_ID": "a",
+        "D7_INGEST_TOKEN": "i",
+    }
     config = parse_config(text, ACCOUNT_MODELS, env=env)
     assert [(p, a.account) for p, a in config.accounts()] == [
         ("whatsgate", "acme"),
@@ -169,7 +174,7 @@ def test_env_and_file_secrets_and_dollar_escape(tmp_path):
 def test_secrets_never_appear_in_errors_or_reprs(tmp_path):
     (tmp_path / "token").write_text("topsecret-file")
     config = parse_config(
-        f"d7:\n  - {{account: p, token_file: {tmp_path / 'token'}}}\n"
+        f"d7:\n  - {{account: p, token_file: {tmp_path / 'token'}, ingest_token: topsecret-in}}\n"
         "whatsgate:\n  - {account: a, base_url: 'https://a.whatsgate.net/api', token: topsecret}\n",
         ACCOUNT_MODELS,
     )

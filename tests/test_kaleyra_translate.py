@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from exporter.config import ConfigError, Defaults, parse_config
-from exporter.providers.base import POLLED, Family, PollError, Sample
+from exporter.providers.base import POLLED, Family, PollError, Sample, Services
 from exporter.providers.kaleyra import (
     PROVIDER,
     Account,
@@ -924,7 +924,7 @@ def test_one_endpoint_polls_every_number_in_config_order() -> None:
         "kaleyra: [{account: a, numbers: ['+919876543210', '+12025550100'], interval: 2m,"
         " stats_path: '/v2/stats/{number}?x=1'}]"
     )
-    (endpoint,) = endpoints(account, Defaults())
+    (endpoint,) = endpoints(account, Defaults(), Services())
     assert (endpoint.name, endpoint.interval) == ("monitor_stats", 120.0)
     assert list(endpoint.targets({})) == ["+919876543210", "+12025550100"]
     assert endpoint.families is translate
@@ -937,7 +937,7 @@ def test_one_endpoint_polls_every_number_in_config_order() -> None:
 
 def test_the_interval_defaults_to_the_global_one() -> None:
     account = load("kaleyra: [{account: a, numbers: ['+12025550100']}]")
-    assert endpoints(account, Defaults(interval=30))[0].interval == 30.0
+    assert endpoints(account, Defaults(interval=30), Services())[0].interval == 30.0
 
 
 def test_the_provider() -> None:

@@ -228,10 +228,17 @@ def account_wide(known: Known) -> Sequence[str]:
 
 
 @dataclass(frozen=True)
+class Services:
+    """Process-wide things an endpoint may need besides HTTP: the D7 request ledger."""
+
+    ledger: Any = None
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     account_model: type[AccountBase]
     default_rate_limit: RateLimit
     headers: Callable[[Any], dict[str, str]]
-    endpoints: Callable[[Any, Defaults], list[Endpoint]]
+    endpoints: Callable[[Any, Defaults, Services], list[Endpoint]]
     provider_error: Callable[[Any], str | None]

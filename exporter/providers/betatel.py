@@ -27,6 +27,7 @@ from exporter.providers.base import (
     Family,
     Known,
     Provider,
+    Services,
     gauge,
     parse,
 )
@@ -205,7 +206,7 @@ def window_targets(account: Account, known: Known) -> Sequence[str]:
     return account.windows
 
 
-def endpoints(account: Account, defaults: Defaults) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
     return [
         Endpoint(
             "stats",

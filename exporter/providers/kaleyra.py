@@ -30,6 +30,7 @@ from exporter.providers.base import (
     PollError,
     Provider,
     Sample,
+    Services,
 )
 
 log = logging.getLogger(__name__)
@@ -514,7 +515,7 @@ def translate(number: str, result: MonitorStats) -> list[Family]:
 # --- the provider -------------------------------------------------------------------------------
 
 
-def endpoints(account: Account, defaults: Defaults) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
     numbers = tuple(account.numbers)
 
     def targets(known: Known) -> Sequence[str]:

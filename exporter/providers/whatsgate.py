@@ -26,6 +26,7 @@ from exporter.providers.base import (
     Family,
     Known,
     Provider,
+    Services,
     account_wide,
     gauge,
     parse,
@@ -283,7 +284,7 @@ def device_targets(account: Account, known: Known) -> Sequence[str]:
     return [d.mobile for d in listed.devices] if listed else []
 
 
-def endpoints(account: Account, defaults: Defaults) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
     interval = account.interval or defaults.interval
     targets = functools.partial(device_targets, account)
     return [

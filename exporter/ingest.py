@@ -1,0 +1,147 @@
+"""How D7 request ids reach the ledger: from the sending application, and from D7's webhooks.
+
+`POST /api/v1/requests` {"account": ..., "request_ids": [...]} and `POST /webhooks/d7/{account}`,
+both with `Authorization: Bearer <the account's ingest_token>`. A request is validated whole
+before anything is stored, and ids are committed before the answer goes out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import StringConstraints
+
+from exporter.ledger import Ledger, LedgerError
+from exporter.providers import d7
+from exporter.providers.base import PollError
+from exporter.web import Request, Response, Route, json_response
+
+log = logging.getLogger(__name__)
+
+MAX_IDS = 1000
+MAX_BODY = 256 * 1024
+REQUESTS_PATH = "/api/v1/requests"
+WEBHOOK_PREFIX = "/webhooks/d7/"
+
+RequestId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+]
+
+
+class _Handover(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    account: str
+    request_ids: list[RequestId] = pydantic.Field(min_length=1, max_length=MAX_IDS)
+
+
+class Ingest:
+    def __init__(self, ledger: Ledger, accounts: Callable[[], Mapping[str, d7.Account]]):
+        self._ledger = ledger
+        self._accounts = accounts  # the running config's D7 accounts, by name
+
+    def routes(self) -> tuple[dict[tuple[str, str], Route], dict[tuple[str, str], Route]]:
+        return {("POST", REQUESTS_PATH): self.requests}, {("POST", WEBHOOK_PREFIX): self.webhook}
+
+    def requests(self, request: Request) -> Response:
+        refused = self._authenticated(request)
+        if refused:
+            return refused
+        body = _json(request.body)
+        if isinstance(body, Response):
+            return body
+        try:
+            handover = _Handover.model_validate(body)
+        except pydantic.ValidationError as exc:
+            return _invalid(exc)
+        account = self._account(request, handover.account)
+        if isinstance(account, Response):
+            return account
+        try:
+            new = self._ledger.add(account.account, handover.request_ids, account.schedule())
+        except LedgerError as exc:
+            return _unavailable(exc)
+        return json_response(
+            202,
+            {
+                "account": account.account,
+                "received": len(handover.request_ids),
+                "new": new,
+                "pending": self._ledger.pending_count(account.account),
+            },
+        )
+
+    def webhook(self, request: Request) -> Response:
+        refused = self._authenticated(request)
+        if refused:
+            return refused
+        account = self._account(request, request.path.removeprefix(WEBHOOK_PREFIX))
+        if isinstance(account, Response):
+            return account
+        body = _json(request.body)
+        if isinstance(body, Response):
+            return body
+        if isinstance(body, list) and not 1 <= len(body) <= MAX_IDS:
+            return _error(422, f"send 1 to {MAX_IDS} events at a time, not {len(body)}")
+        try:
+            events = d7.events(body)
+        except PollError as exc:  # the shape check D7's answers get, reused for its webhooks
+            return _error(422, exc.detail)
+        batch = [(e.request_id, e.update(), d7.sent_at(e)) for e in events]
+        try:
+            self._ledger.report(account.account, batch, account.schedule())
+        except LedgerError as exc:
+            return _unavailable(exc)
+        return json_response(200, {"account": account.account, "accepted": len(batch)})
+
+    def _authenticated(self, request: Request) -> Response | None:
+        """401 unless the bearer token is some D7 account's ingest_token."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error(401, "send Authorization: Bearer <the account's ingest_token>")
+        if not any(_same(token.strip(), a) for a in self._accounts().values()):
+            return _error(401, "the bearer token is not an ingest_token of this exporter")
+        return None
+
+    def _account(self, request: Request, name: str) -> d7.Account | Response:
+        account = self._accounts().get(name)
+        if account is None:
+            return _error(404, f"no D7 account named {name!r} is configured")
+        token = request.headers["authorization"].partition(" ")[2].strip()
+        if not _same(token, account):
+            return _error(403, f"the bearer token is not the ingest_token of account {name!r}")
+        return account
+
+
+def _same(token: str, account: d7.Account) -> bool:
+    return hmac.compare_digest(token.encode(), account.ingest_token.get_secret_value().encode())
+
+
+def _json(body: bytes) -> Any:
+    if len(body) > MAX_BODY:
+        return _error(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY}")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _error(400, f"the body is not JSON: {exc}")
+
+
+def _invalid(exc: pydantic.ValidationError) -> Response:
+    problems = [
+        f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}"
+        for e in exc.errors(include_url=False)
+    ]
+    return json_response(422, {"error": "; ".join(problems[:10]), "errors": problems[:100]})
+
+
+def _error(status: int, message: str) -> Response:
+    return json_response(status, {"error": message})
+
+
+def _unavailable(exc: LedgerError) -> Response:
+    log.error("the D7 ledger refused a write", extra={"fields": {"error": str(exc)}})
+    return _error(503, "the exporter cannot store ids right now; nothing was stored, retry")
