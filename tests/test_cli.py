@@ -62,6 +62,7 @@ def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigte
             "whatsgate": "whatsapp_balance_remaining_messages",
             "betatel": "whatsapp_stats_requests",
             "kaleyra": "whatsapp_client_app_callback_queue_size",
+            "d7": "whatsapp_messages_total",
         }
 
         def every_provider() -> dict | None:
@@ -72,6 +73,7 @@ def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigte
 
         first = wait_for(every_provider, 10, "metrics of every provider")
         assert time.monotonic() - began < 10
+        assert value(first, "whatsapp_exporter_up", provider="d7", endpoint="report") == 1
         wait_for(lambda: scrape(url) != first, 10, "values to change")
         text = httpx.get(f"{url}/metrics").text
         check = subprocess.run(

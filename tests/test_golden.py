@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 
-from exporter.providers import betatel, kaleyra, whatsgate
+from exporter.ledger import Totals
+from exporter.providers import betatel, d7, kaleyra, whatsgate
 from exporter.providers.base import PollError
 from exporter.snapshot import Snapshot, TargetKey
 from tests.conftest import GOLDEN, require_tool
@@ -146,7 +147,28 @@ def kaleyra_exposition() -> bytes:
     return snapshot.exposition.plain
 
 
+def d7_exposition() -> bytes:
+    snapshot = _snapshot()
+    snapshot.configure(3, [("d7", "prod", "report")])
+    snapshot.succeeded(TargetKey("d7", "prod", "report", ""), 5, [], 0.05)
+    totals = Totals(
+        messages={
+            ("sent", "marketing", "template"): 10,
+            ("delivered", "marketing", "template"): 8,
+            ("read", "marketing", "template"): 5,
+            ("un_delivered", "utility", "text"): 1,
+        },
+        buckets={"delivered": [0, 2, 3, 1] + [0] * 11 + [2], "read": [0] * 8 + [5] + [0] * 7},
+        sums={"delivered": 200123.5, "read": 3000.0},
+        states={"pending": 7, "done": 3, "expired": 1},
+    )
+    snapshot.set_extra("d7", d7.ledger_families({"prod": totals}))
+    snapshot.publish()
+    return snapshot.exposition.plain
+
+
 CASES = {
+    "d7": d7_exposition,
     "whatsgate": whatsgate_exposition,
     "betatel": betatel_exposition,
     "kaleyra": kaleyra_exposition,
