@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
 from exporter.ingest import Ingest
-from exporter.ledger import Ledger
+from exporter.ledger import Ledger, LedgerError
 from exporter.providers import PROVIDERS, d7
 from exporter.providers.base import Services
 from exporter.scheduler import Scheduler
@@ -19,6 +21,24 @@ from exporter.snapshot import Snapshot
 from exporter.web import WebServer
 
 log = logging.getLogger(__name__)
+
+
+def run_until_stopped(main: Coroutine[Any, Any, None], listen_address: str) -> int:
+    """Run the exporter's main coroutine; every way it can fail to start is a one-line message."""
+    try:
+        asyncio.run(main)
+    except LedgerError as exc:
+        print(f"whatsapp-exporter: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"whatsapp-exporter: cannot listen on {listen_address}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 class Exporter:

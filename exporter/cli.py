@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import logging
 import sys
@@ -86,21 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(load, config, listen_address: str, storage_path: str) -> int:
-    from exporter.app import Exporter  # noqa: PLC0415 - keeps --config.check light
-    from exporter.ledger import LedgerError  # noqa: PLC0415
+    from exporter.app import Exporter, run_until_stopped  # noqa: PLC0415 - keeps --config.check light
 
     exporter = Exporter(load, listen_address, storage_path=storage_path)
-    try:
-        asyncio.run(exporter.run(config))
-    except LedgerError as exc:
-        print(f"whatsapp-exporter: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(
-            f"whatsapp-exporter: cannot listen on {listen_address}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_until_stopped(exporter.run(config), listen_address)

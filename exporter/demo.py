@@ -16,9 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from exporter.app import Exporter
+from exporter.app import Exporter, run_until_stopped
 from exporter.config import Config, parse_config
-from exporter.ledger import LedgerError
 from exporter.providers import ACCOUNT_MODELS
 from exporter.simulator import SIMULATORS, Simulator
 
@@ -121,22 +120,10 @@ def run(listen_address: str, storage_path: str | None = None) -> int:
     for name, sim in sims.items():
         print(f"  {name:<9} simulator: {sim.url}", file=sys.stderr)
     try:
-        asyncio.run(_run_and_announce(exporter, load(), sims["d7"]))
-    except LedgerError as exc:
-        print(f"whatsapp-exporter: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(
-            f"whatsapp-exporter: cannot listen on {listen_address}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        pass
+        return run_until_stopped(_run_and_announce(exporter, load(), sims["d7"]), listen_address)
     finally:
         for sim in sims.values():
             sim.stop()
-    return 0
 
 
 async def _run_and_announce(exporter: Exporter, config: Config, d7_sim: Simulator) -> None:

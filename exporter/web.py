@@ -188,19 +188,13 @@ def _handler(
             return self._missing(path)
 
         def _missing(self, path: str) -> Response:
-            known = {"/metrics", "/", "/-/healthy", "/-/ready", "/-/reload"}
-            known |= {p for _, p in routes}
-            if path in known or any(path.startswith(p) for _, p in prefix_routes):
-                allowed = "POST" if path == "/-/reload" else "GET, HEAD"
-                allowed = (
-                    ", ".join(
-                        [m for (m, p) in routes if p == path]
-                        + [m for (m, p) in prefix_routes if path.startswith(p)]
-                    )
-                    or allowed
+            allowed = _allowed_methods(path, routes, prefix_routes)
+            if allowed:
+                return Response(
+                    405,
+                    f"Method {self.command} not allowed on {path}; use {allowed}.\n".encode(),
+                    headers=(("Allow", allowed),),
                 )
-                response = text(405, f"Method {self.command} not allowed on {path}; use {allowed}.")
-                return Response(405, response.body, response.content_type, (("Allow", allowed),))
             return text(404, f"Not found: {path}. See / for what this exporter serves.")
 
         def _read_body(self) -> bytes | Response:
@@ -235,6 +229,26 @@ def _handler(
                 self.wfile.write(response.body)
 
     return Handler
+
+
+_BUILT_IN = {
+    "/metrics": "GET, HEAD",
+    "/": "GET, HEAD",
+    "/-/healthy": "GET, HEAD",
+    "/-/ready": "GET, HEAD",
+    "/-/reload": "POST",
+}
+
+
+def _allowed_methods(
+    path: str,
+    routes: dict[tuple[str, str], Route],
+    prefix_routes: dict[tuple[str, str], Route],
+) -> str:
+    """What a 405 offers instead; empty for a path nothing serves (a 404)."""
+    methods = [m for m, p in routes if p == path]
+    methods += [m for m, p in prefix_routes if path.startswith(p) and len(path) > len(p)]
+    return ", ".join(methods) or _BUILT_IN.get(path, "")
 
 
 def _find(

@@ -44,22 +44,7 @@ ROLLING = (
     "lastmonth",
 )
 BUCKETED = ("hourly", "daily", "weekly", "monthly", "yearly")
-Window = Literal[
-    "today",
-    "lastm",
-    "last5m",
-    "last10m",
-    "last30m",
-    "lasth",
-    "last12h",
-    "last24h",
-    "lastmonth",
-    "hourly",
-    "daily",
-    "weekly",
-    "monthly",
-    "yearly",
-]
+Window = Literal[ROLLING + BUCKETED]
 
 
 class Account(AccountBase):
