@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS requests (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_due ON requests (account, next_poll_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_age ON requests (state, accepted_at);
+CREATE INDEX IF NOT EXISTS requests_finished ON requests (account, finished_at)
+    WHERE state != 'pending';
 CREATE TABLE IF NOT EXISTS messages (
     account TEXT NOT NULL,
     request_id TEXT NOT NULL,
