@@ -196,7 +196,10 @@ class Ledger:
         schedule: Schedule,
     ) -> None:
         """Delivery webhooks, (request id, status, send time if known) each, in one transaction:
-        an unknown id starts being tracked, and each status counts once."""
+        an unknown id starts being tracked, and each status counts once.
+
+        A webhook speaks for one message, so only a poll, whose answer lists every message of
+        the request, decides that a request is done."""
         now = self._clock()
         with self._lock, self._transaction():
             for request_id, update, sent_at in events:
@@ -213,7 +216,6 @@ class Ledger:
                         (sent_at, account, request_id),
                     )
                 self._apply(account, request_id, [update], now)
-                self._settle(account, request_id, now, schedule)
         self._changed()
 
     # --- following ids ---
