@@ -1,0 +1,285 @@
+"""End to end with the real thing: simulators -> exporter -> Prometheus (with the bundled rules)
+-> Alertmanager -> a webhook receiver run here; and every dashboard query against that Prometheus.
+
+Prometheus and Alertmanager run from the very files the compose stack mounts
+(prometheus/prometheus.yml, alertmanager.yml, rules.yml, alerts.yml). What the test changes, so it
+finishes in seconds rather than minutes: scrape and evaluation intervals (1s), the `for` of the
+device alert (5s), Alertmanager's grouping waits (1s), the targets and the receiver's URL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from exporter.simulator import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
+from tests.conftest import ROOT, require_tool, run_exporter, wait_for
+
+DEVICE = "15550000002"
+FOR = "5s"
+INGEST = "e2e-ingest"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Receiver:
+    """Alertmanager's webhook target: keeps every notification it is sent."""
+
+    def __init__(self) -> None:
+        self.notifications: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.notifications.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self, name: str, status: str) -> list[dict]:
+        return [
+            alert
+            for n in self.notifications
+            for alert in n["alerts"]
+            if alert["labels"]["alertname"] == name and alert["status"] == status
+        ]
+
+
+def started(command: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def is_ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"{command[0]} exited: {log.read_text()[-2000:]}")
+        try:
+            return httpx.get(ready_url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(is_ready, 30, f"{command[0]} to be ready")
+    return process
+
+
+def load_dashboards() -> list[tuple[str, dict]]:
+    spec = importlib.util.spec_from_file_location("grafana_generate", ROOT / "grafana/generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    boards = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+    assert boards, "no dashboards in grafana/dashboards"
+    return [
+        (f"{path.stem}: {title}", expr)
+        for path in boards
+        for title, expr in module.panel_queries(json.loads(path.read_text()))
+    ]
+
+
+def substitute(expr: str) -> str:
+    for variable, value in (
+        ("$__rate_interval", "1m"),
+        ("$__interval", "15s"),
+        ("$__range", "1h"),
+        ("${provider}", ".*"),
+        ("$provider", ".*"),
+        ("${account}", ".*"),
+        ("$account", ".*"),
+    ):
+        expr = expr.replace(variable, value)
+    return expr
+
+
+@pytest.fixture
+def stack(tmp_path) -> Iterator[dict]:
+    prometheus = require_tool("prometheus", "prometheus")
+    alertmanager = require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    receiver = Receiver()
+    with (
+        WhatsGateSimulator(devices=3, auto=True, tick=0.5, rate_limit=None) as whatsgate,
+        BetatelSimulator(auto=True, tick=0.5) as betatel,
+        D7Simulator(
+            auto=True, tick=0.2, index_delay=0, sent_delay=0.2, delivered_delay=0.5, read_delay=1.0
+        ) as d7,
+        KaleyraSimulator(numbers=["+12025550100"], auto=True, tick=0.5) as kaleyra,
+    ):
+        # only the test connects and disconnects devices; balances and failures still move
+        whatsgate.P_DISCONNECT = whatsgate.P_RECONNECT = 0.0
+        for mobile in whatsgate.devices:
+            whatsgate.set_device(mobile, status="connected")
+        config = f"""
+defaults: {{interval: 1s, timeout: 2s}}   # budgets to match: the defaults allow 60/m
+whatsgate:
+  - {{account: acme, base_url: "{whatsgate.base_url}", token: demo-token, rate_limit: 100/s,
+      balance: {{interval: 1s}}, failed_numbers: {{interval: 2s}}}}
+betatel:
+  - {{account: eu, base_url: "{betatel.base_url}", api_key: demo-key,
+      account_id: demo-account, windows: [last5m, lasth, today, daily], rate_limit: 100/s}}
+d7:
+  - {{account: prod, base_url: "{d7.base_url}", token: demo-token, ingest_token: {INGEST},
+      interval: 0.5s, retry_first: 0.5s, retry_max: 2s, rate_limit: 100/s}}
+kaleyra:
+  - {{account: main, base_url: "{kaleyra.base_url}", numbers: ["+12025550100"],
+      rate_limit: 100/s}}
+"""
+        with run_exporter(config, strict=False) as running:
+            d7.webhook_url = f"{running.url}/webhooks/d7/prod"
+            d7.webhook_headers = {"Authorization": f"Bearer {INGEST}"}
+            stop = threading.Event()
+            traffic = threading.Thread(target=send_d7, args=(d7, running.url, stop), daemon=True)
+            traffic.start()
+
+            # Alertmanager from the bundled file: the receiver's URL and short waits
+            am_config = yaml.safe_load((ROOT / "prometheus/alertmanager.yml").read_text())
+            receivers = [w for r in am_config["receivers"] for w in r.get("webhook_configs", [])]
+            assert receivers, "alertmanager.yml has no webhook receiver to point at the test"
+            for webhook in receivers:
+                webhook["url"] = receiver.url
+            for route in [am_config["route"], *am_config["route"].get("routes", [])]:
+                route.update(group_wait="1s", group_interval="1s")
+            (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+            am_port = free_port()
+            am = started(
+                [
+                    alertmanager,
+                    f"--config.file={tmp_path / 'alertmanager.yml'}",
+                    f"--storage.path={tmp_path / 'am'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                f"http://127.0.0.1:{am_port}/-/ready",
+                tmp_path / "alertmanager.log",
+            )
+
+            # Prometheus from the bundled files: 1s intervals, its own targets, a short `for`
+            prom_dir = tmp_path / "prometheus"
+            shutil.copytree(ROOT / "prometheus", prom_dir, ignore=shutil.ignore_patterns("tests"))
+            prom_config = yaml.safe_load((prom_dir / "prometheus.yml").read_text())
+            prom_config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+            (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
+            alerts = yaml.safe_load((prom_dir / "alerts.yml").read_text())
+            for group in alerts["groups"]:
+                for rule in group["rules"]:
+                    if rule.get("alert") == "WhatsAppDeviceDisconnected":
+                        rule["for"] = FOR
+            (prom_dir / "alerts.yml").write_text(yaml.safe_dump(alerts))
+            targets = prom_dir / "targets"
+            shutil.rmtree(targets, ignore_errors=True)
+            targets.mkdir()
+            port = running.url.rsplit(":", 1)[1]
+            (targets / "exporter.yml").write_text(f"- targets: ['127.0.0.1:{port}']\n")
+            (targets / "alertmanager.yml").write_text(f"- targets: ['127.0.0.1:{am_port}']\n")
+            prom_port = free_port()
+            prom = started(
+                [
+                    prometheus,
+                    f"--config.file={prom_dir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                f"http://127.0.0.1:{prom_port}/-/ready",
+                tmp_path / "prometheus.log",
+            )
+            try:
+                yield {
+                    "prometheus": f"http://127.0.0.1:{prom_port}",
+                    "receiver": receiver,
+                    "whatsgate": whatsgate,
+                }
+            finally:
+                stop.set()
+                for process in (prom, am):
+                    process.terminate()
+                    process.wait(10)
+                receiver.server.shutdown()
+
+
+def send_d7(sim: D7Simulator, url: str, stop: threading.Event) -> None:
+    with httpx.Client(timeout=5) as client:
+        while not stop.wait(0.3):
+            ids = [
+                sim.send(conversation_type="marketing", message_type="TEMPLATE") for _ in range(3)
+            ]
+            client.post(
+                f"{url}/api/v1/requests",
+                json={"account": "prod", "request_ids": ids},
+                headers={"Authorization": f"Bearer {INGEST}"},
+            )
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert body["status"] == "success", f"{expr}: {body.get('error')}"
+    return body["data"]["result"]
+
+
+def test_dashboards_have_data_and_a_disconnected_device_pages_and_resolves(stack):
+    prometheus, receiver = stack["prometheus"], stack["receiver"]
+    wait_for(lambda: query(prometheus, 'up{job="whatsapp"} == 1'), 30, "the first scrape")
+
+    # every query of every dashboard panel returns data
+    panels = load_dashboards()
+    empty: list[str] = []
+
+    def all_have_data() -> bool:
+        empty[:] = [
+            f"{title}: {expr}" for title, expr in panels if not query(prometheus, substitute(expr))
+        ]
+        return not empty
+
+    began = time.monotonic()
+    try:
+        wait_for(all_have_data, 60, "every dashboard panel to have data")
+    except AssertionError:
+        raise AssertionError("panels without data:\n" + "\n".join(empty)) from None
+    print(f"{len(panels)} panel queries have data after {time.monotonic() - began:.1f}s")
+
+    # a device disconnects at the provider: its alert reaches the receiver through Alertmanager
+    stack["whatsgate"].set_device(DEVICE, status="disconnected")
+    began = time.monotonic()
+    wait_for(
+        lambda: receiver.alerts("WhatsAppDeviceDisconnected", "firing"),
+        40,
+        "WhatsAppDeviceDisconnected at the receiver",
+    )
+    took = time.monotonic() - began
+    (alert,) = receiver.alerts("WhatsAppDeviceDisconnected", "firing")
+    assert alert["labels"]["device"] == DEVICE
+    assert alert["labels"]["account"] == "acme" and alert["labels"]["severity"] == "critical"
+    assert DEVICE in alert["annotations"]["summary"]
+    # the rule's `for` (5s) plus the pipeline: poll 1s, scrape 1s, evaluation 1s, group_wait 1s
+    assert took < 5 + 20, took
+
+    # it reconnects: the alert resolves
+    stack["whatsgate"].set_device(DEVICE, status="connected")
+    began = time.monotonic()
+    wait_for(
+        lambda: receiver.alerts("WhatsAppDeviceDisconnected", "resolved"),
+        40,
+        "the alert to resolve",
+    )
+    print(f"alert fired after {took:.1f}s, resolved {time.monotonic() - began:.1f}s later")
+    (resolved,) = receiver.alerts("WhatsAppDeviceDisconnected", "resolved")[:1]
+    assert resolved["labels"]["device"] == DEVICE
