@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -63,9 +63,8 @@ _HEALTH_HELP = {
 }
 
 
-@dataclass
-class _ErrorCounts:
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+def _no_errors() -> dict[str, int]:
+    return dict.fromkeys(REASONS, 0)
 
 
 class Snapshot:
@@ -77,7 +76,7 @@ class Snapshot:
         self._clock = clock
         self._lock = threading.Lock()
         self._targets: dict[TargetKey, TargetState] = {}
-        self._errors: dict[tuple[str, str, str], _ErrorCounts] = {}
+        self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
         self._extra: dict[str, tuple[Family, ...]] = {}
         self._reload_ok = True
         self._dirty = True
@@ -92,7 +91,7 @@ class Snapshot:
         wanted = set(endpoints)
         with self._lock:
             self._stale_after = stale_after
-            self._errors = {k: self._errors.get(k) or _ErrorCounts() for k in sorted(wanted)}
+            self._errors = {k: self._errors.get(k) or _no_errors() for k in sorted(wanted)}
             self._targets = {
                 k: v
                 for k, v in self._targets.items()
@@ -144,9 +143,9 @@ class Snapshot:
                 error=f"{error.reason}: {error.detail}",
             )
             counts = self._errors.setdefault(
-                (key.provider, key.account, key.endpoint), _ErrorCounts()
+                (key.provider, key.account, key.endpoint), _no_errors()
             )
-            counts.counts[error.reason] += 1
+            counts[error.reason] += 1
             self._dirty = True
 
     def set_extra(self, name: str, families: Iterable[Family]) -> None:
@@ -180,7 +179,7 @@ class Snapshot:
                 return False
             self._dirty = False
             targets = sorted(self._targets.values(), key=lambda s: s.key)
-            errors = {k: dict(v.counts) for k, v in self._errors.items()}
+            errors = {k: dict(v) for k, v in self._errors.items()}
             extra = [f for name in sorted(self._extra) for f in self._extra[name]]
             reload_ok = self._reload_ok
         plain = render(self._version, targets, errors, extra, reload_ok)
