@@ -149,6 +149,7 @@ class Scheduler:
                 await self._poll(poller, endpoint)
         finally:
             poller.started.set()
+        self._check_budget(poller)
         if self._aps is None or self._pollers.get(poller.name) is not poller:
             return
         now = dt.datetime.now(dt.UTC)
@@ -171,6 +172,29 @@ class Scheduler:
                 misfire_grace_time=None,
             )
             poller.job_ids.append(job_id)
+
+    def _check_budget(self, poller: Poller) -> None:
+        """Once the targets are known: intervals that need more requests than the account's
+        budget allows make every poll late, and values go stale. Say so, with the numbers."""
+        budget = poller.api.budget
+        demand = sum(
+            len(e.targets(poller.known)) * budget.period / e.interval for e in poller.endpoints
+        )
+        if demand > budget.requests:
+            provider, account = poller.name
+            log.warning(
+                "the account's polls need more requests than its rate_limit allows: polls will "
+                "lag and values may go stale; lengthen intervals or raise rate_limit if the "
+                "provider allows it",
+                extra={
+                    "fields": {
+                        "provider": provider,
+                        "account": account,
+                        "needed": f"{demand:.0f}/{budget.period:g}s",
+                        "rate_limit": f"{budget.requests}/{budget.period:g}s",
+                    }
+                },
+            )
 
     async def _stop_poller(self, poller: Poller) -> None:
         for job_id in poller.job_ids:

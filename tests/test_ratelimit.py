@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
+import pytest
 
 from exporter.ratelimit import RequestBudget
 from exporter.simulator import Fault, WhatsGateSimulator
@@ -74,6 +76,38 @@ whatsgate:
     # and it then carries on: every device's balance and failed numbers were asked
     assert sum(r.endpoint == "balance" for r in requests) == 3
     assert sum(r.endpoint == "failed_numbers" for r in requests) == 3
+
+
+@pytest.mark.parametrize(("interval", "warned"), [("1s", True), ("60s", False)])
+def test_an_oversubscribed_budget_is_named_in_the_log(interval, warned, caplog):
+    caplog.set_level(logging.WARNING, logger="exporter.scheduler")
+    with WhatsGateSimulator(devices=10, auto=False, rate_limit=None) as sim:
+        config = f"""
+whatsgate:
+  - account: busy
+    base_url: {sim.base_url}
+    token: demo-token
+    rate_limit: 600/m
+    interval: {interval}
+    balance: {{interval: {interval}}}
+    failed_numbers: {{interval: {interval}}}
+"""
+        with run_exporter(config) as running:
+            wait_for(
+                lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness"
+            )
+    found = [r.fields for r in caplog.records if "rate_limit allows" in r.getMessage()]
+    if warned:  # 1 + 10 + 10 targets a second: 1260 a minute
+        assert found == [
+            {
+                "provider": "whatsgate",
+                "account": "busy",
+                "needed": "1260/60s",
+                "rate_limit": "600/60s",
+            }
+        ]
+    else:
+        assert found == []
 
 
 def test_budget_counts_a_slot_until_its_answer_arrives():
