@@ -34,10 +34,6 @@ class RequestBudget:
         """The provider said 429: send nothing more until `seconds` have passed."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
 
-    @property
-    def blocked_for(self) -> float:
-        return max(0.0, self._blocked_until - self._clock())
-
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self._acquire()

@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -154,8 +153,3 @@ def require_tool(name: str, apt_package: str) -> str:
         f"{apt_package}), or `apt-get install {apt_package}`",
         pytrace=False,
     )
-
-
-@pytest.fixture
-def python() -> str:
-    return sys.executable
