@@ -34,8 +34,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.ledger import Due, Ledger, MessageUpdate, Schedule
 from exporter.providers.d7 import Account
+from exporter.providers.d7.ledger import Due, Ledger, MessageUpdate, Schedule
 from exporter.simulator import D7Simulator
 
 ACCOUNT = "bench"

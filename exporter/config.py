@@ -161,6 +161,7 @@ class AccountBase(Strict):
     interval: Duration | None = None
     timeout: Duration | None = None
     rate_limit: Rate | None = None
+    concurrency: int = Field(4, ge=1, le=64)  # requests in flight at once, within rate_limit
 
     @field_validator("account")
     @classmethod

@@ -1,9 +1,10 @@
 """Polls every account's endpoints on their own schedule and writes the answers to the snapshot.
 
-Each account has one HTTP client (one connection pool) and one request budget shared by all of its
-endpoints. Each endpoint is one APScheduler job: its first run happens at start, in endpoint order
-(WhatsGate's device list before the per-device reports), then at its interval with jitter, never
-overlapping itself. Failures stop at the target they happened to.
+Each account has one HTTP client (one connection pool), one request budget and a few requests in
+flight (`concurrency`), shared by all of its endpoints. Each endpoint is one APScheduler job: its
+first run happens at start, in endpoint order (WhatsGate's device list before the per-device
+reports), then at its interval with jitter, never overlapping itself. Failures stop at the target
+they happened to. Everything here runs on the event loop, the snapshot's only writer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter import __version__
 from exporter.config import AccountBase, Config
-from exporter.providers.base import Api, Endpoint, PollError, Provider, Services
+from exporter.providers.base import Api, Endpoint, PollError, Provider
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
 
@@ -58,13 +60,13 @@ class Scheduler:
         snapshot: Snapshot,
         providers: Mapping[str, Provider],
         *,
-        services: Services | None = None,
+        states: Mapping[str, object] | None = None,
         strict: bool = False,
         rng: random.Random | None = None,
     ):
         self.snapshot = snapshot
         self.providers = providers
-        self.services = services or Services()
+        self.states = states or {}  # provider name -> its own state (D7's ledger)
         self.strict = (
             strict  # tests: a programming error raises instead of counting as bad_response
         )
@@ -73,7 +75,9 @@ class Scheduler:
         self._config: Config | None = None
         self._aps: AsyncIOScheduler | None = None
         self._ready = False
-        self._publish_pending = False
+        # one TLS context for every account: each would otherwise load the CA bundle again
+        # (~1 MB and ~20 ms of CPU per account)
+        self._tls = ssl.create_default_context()
 
     @property
     def ready(self) -> bool:
@@ -111,7 +115,6 @@ class Scheduler:
         self._config = config
         for poller in new:
             self._track(poller, asyncio.create_task(self._start_poller(poller)))
-        self._publish_soon()
 
     async def close(self) -> None:
         if self._aps is not None:
@@ -132,18 +135,24 @@ class Scheduler:
             headers={"User-Agent": USER_AGENT, **provider.headers(account)},
             timeout=timeout,
             follow_redirects=False,
+            verify=self._tls,
+            limits=httpx.Limits(
+                max_connections=account.concurrency, max_keepalive_connections=account.concurrency
+            ),
         )
-        api = Api(client, RequestBudget(rate.requests, rate.period), provider.provider_error)
+        budget = RequestBudget(rate.requests, rate.period)
+        api = Api(client, budget, provider.provider_error, account.concurrency)
         return Poller(
             provider,
             account,
             timeout,
-            provider.endpoints(account, config.defaults, self.services),
+            provider.endpoints(account, config.defaults, self.states.get(provider_name)),
             api,
         )
 
     async def _start_poller(self, poller: Poller) -> None:
-        await asyncio.sleep(self._rng.uniform(0, 0.5))  # accounts do not all fire at once
+        # no random delay: accounts are independent (own token, own budget); later rounds get
+        # a random phase below
         try:
             for endpoint in poller.endpoints:
                 await self._poll(poller, endpoint)
@@ -209,6 +218,11 @@ class Scheduler:
         poller.tasks.add(task)
         task.add_done_callback(poller.tasks.discard)
 
+    async def _expire(self) -> None:
+        """A coroutine on purpose: APScheduler runs plain functions in a thread, and only the
+        loop may write the snapshot."""
+        self.snapshot.expire()
+
     async def _run_job(self, poller: Poller, endpoint: Endpoint) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -222,34 +236,50 @@ class Scheduler:
     # --- one endpoint, every target ---
 
     async def _poll(self, poller: Poller, endpoint: Endpoint) -> None:
+        """Every target of the endpoint, a few at a time: `concurrency` workers take the next
+        target as they finish one (the account's gate and budget still bound the requests)."""
         provider, account = poller.name
         targets = list(dict.fromkeys(endpoint.targets(poller.known)))
         self.snapshot.retain(provider, account, endpoint.name, targets)
-        known = poller.known.setdefault(endpoint.name, {})
-        for gone in set(known) - set(targets):
-            del known[gone]
-        for target in targets:
-            key = TargetKey(provider, account, endpoint.name, target)
-            started = time.monotonic()
-            try:
-                result = await endpoint.fetch(poller.api, target)
-                families = endpoint.families(target, result)
-            except PollError as error:
-                self._failed(poller, key, endpoint, error, time.monotonic() - started)
-            except Exception as exc:
-                if self.strict:
-                    raise
-                error = PollError("bad_response", f"unexpected {type(exc).__name__}: {exc}"[:300])
-                log.debug("unexpected error while polling", exc_info=True)
-                self._failed(poller, key, endpoint, error, time.monotonic() - started)
-            else:
+        known = poller.known.setdefault(endpoint.name, {}) if endpoint.remember else None
+        if known is not None:
+            for gone in set(known) - set(targets):
+                del known[gone]
+        queue = iter(targets)
+
+        async def worker() -> None:
+            for target in queue:
+                await self._poll_target(poller, endpoint, target, known)
+
+        workers = min(poller.account.concurrency, len(targets))
+        if workers == 1:
+            await worker()
+        else:
+            await asyncio.gather(*(worker() for _ in range(workers)))
+
+    async def _poll_target(
+        self, poller: Poller, endpoint: Endpoint, target: str, known: dict[str, Any] | None
+    ) -> None:
+        provider, account = poller.name
+        key = TargetKey(provider, account, endpoint.name, target)
+        started = time.monotonic()
+        try:
+            result = await endpoint.fetch(poller.api, target)
+            families = endpoint.families(target, result)
+        except PollError as error:
+            self._failed(poller, key, endpoint, error, time.monotonic() - started)
+        except Exception as exc:
+            if self.strict:
+                raise
+            error = PollError("bad_response", f"unexpected {type(exc).__name__}: {exc}"[:300])
+            log.debug("unexpected error while polling", exc_info=True)
+            self._failed(poller, key, endpoint, error, time.monotonic() - started)
+        else:
+            if known is not None:
                 known[target] = result
-                self.snapshot.succeeded(
-                    key, endpoint.interval, families, time.monotonic() - started
-                )
-                if poller.failing.pop(_tag(key), None):
-                    log.info("poll recovered", extra={"fields": _fields(key)})
-            self._publish_soon()
+            self.snapshot.succeeded(key, endpoint.interval, families, time.monotonic() - started)
+            if poller.failing.pop(_tag(key), None):
+                log.info("poll recovered", extra={"fields": _fields(key)})
 
     def _failed(
         self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float
@@ -263,22 +293,6 @@ class Scheduler:
             "poll failed",
             extra={"fields": {**_fields(key), "reason": error.reason, "error": error.detail}},
         )
-
-    # --- rendering ---
-
-    def _publish_soon(self) -> None:
-        """Coalesce: many targets finishing in one loop iteration render once."""
-        if not self._publish_pending:
-            self._publish_pending = True
-            asyncio.get_running_loop().call_soon(self._publish)
-
-    def _publish(self) -> None:
-        self._publish_pending = False
-        self.snapshot.publish()
-
-    async def _expire(self) -> None:
-        self.snapshot.expire()
-        self.snapshot.publish()
 
 
 def _tag(key: TargetKey) -> str:

@@ -1,25 +1,40 @@
-"""The newest answer of every target, and the exposition rendered from them.
+"""The newest answer of every target as rendered sample lines, and the exposition joined from them.
 
-The scheduler writes here from the event loop; the web server only reads `exposition` and
-`targets()` from its own threads. Rendering happens when something changed, never per scrape, so
-a scrape is a copy of bytes that are already there.
+Owned by the event loop: only the loop calls the writing methods. A poll re-renders only its own
+target's lines, into one block per metric family; publishing lines up the blocks' headers and
+lines as references (cheap) and joins the bytes, in a thread when they are big. Every change bumps
+`generation`, and an exposition is only ever replaced by one of a newer generation, so a slow join
+can never overwrite a newer one. A scrape copies bytes that are already there: each format and
+encoding is joined (and gzipped) at most once per published exposition, on first demand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
-
-from exporter.providers.base import REASONS, Family, PollError
+from exporter.exposition import (
+    EOF,
+    OPENMETRICS_CONTENT_TYPE,
+    TEXT_CONTENT_TYPE,
+    created_lines,
+    header,
+    sample_lines,
+    valid_name,
+)
+from exporter.metrics import REASONS, TYPES, Family, Labels, Sample
 
 log = logging.getLogger(__name__)
+
+
+class PollFailure(Protocol):
+    reason: str  # one of REASONS
+    detail: str
 
 
 @dataclass(frozen=True, order=True)
@@ -32,35 +47,125 @@ class TargetKey:
 
 @dataclass(frozen=True)
 class TargetState:
-    """What the landing page and the health metrics show about one target."""
+    """What the landing page and the health metrics show about one target (never its values:
+    those live only as rendered lines)."""
 
     key: TargetKey
     interval: float
-    families: tuple[Family, ...] = ()
     up: bool | None = None  # None: not polled yet
     last_poll: float | None = None
     last_success: float | None = None
     duration: float | None = None
     error: str = ""
+    reason: str = ""
     stale: bool = False
 
 
 @dataclass(frozen=True)
+class Variant:
+    openmetrics: bool = False
+    gzip: bool = False
+
+    @property
+    def content_type(self) -> str:
+        return OPENMETRICS_CONTENT_TYPE if self.openmetrics else TEXT_CONTENT_TYPE
+
+
+JOIN_IN_THREAD = 2048  # pieces (~250 KB): below this, joining and gzip cost less than a thread hop
+
+
 class Exposition:
-    plain: bytes
-    gzipped: bytes
+    """One published version: the pieces of both formats, joined per variant on first demand."""
+
+    def __init__(self, generation: int, text: list[bytes], openmetrics: list[bytes]):
+        self.generation = generation
+        self._pieces = {False: text, True: openmetrics}
+        self._bodies: dict[Variant, bytes] = {}
+        self._pending: dict[Variant, asyncio.Future[bytes]] = {}
+
+    def body(self, variant: Variant) -> bytes:
+        """Synchronously (tests, small expositions)."""
+        if variant not in self._bodies:
+            self._bodies[variant] = self.compute(variant)
+        return self._bodies[variant]
+
+    @property
+    def plain(self) -> bytes:
+        return self.body(Variant())
+
+    def compute(self, variant: Variant) -> bytes:
+        """Pure: safe in a thread. bytes.join drops the GIL for large joins."""
+        plain = self._bodies.get(replace(variant, gzip=False))
+        if plain is None:
+            plain = b"".join(self._pieces[variant.openmetrics])
+        if not variant.gzip:
+            return plain
+        # level 1 on big bodies: ~4x cheaper than 6 for Prometheus text, and still ~10x smaller
+        return gzip.compress(plain, compresslevel=6 if len(plain) < 1 << 20 else 1, mtime=0)
+
+    def ready(self, variant: Variant) -> bytes | None:
+        return self._bodies.get(variant)
+
+    def cheap(self, variant: Variant) -> bool:
+        """Small enough to join and compress on the loop, right away."""
+        return len(self._pieces[variant.openmetrics]) < JOIN_IN_THREAD
+
+    async def body_async(self, variant: Variant) -> bytes:
+        """On the loop: the first request of a variant starts its join (off the loop when big);
+        later ones share that work."""
+        if variant in self._bodies:
+            return self._bodies[variant]
+        pending = self._pending.get(variant)
+        if pending is None:
+            if self.cheap(variant):
+                return self.body(variant)
+            pending = self._pending[variant] = asyncio.ensure_future(self._compute(variant))
+        return await asyncio.shield(pending)
+
+    async def _compute(self, variant: Variant) -> bytes:
+        body = await asyncio.to_thread(self.compute, variant)
+        self._bodies[variant] = body
+        self._pending.pop(variant, None)
+        return body
 
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+class _Block:
+    """One metric family: its header and, per member (a target, an endpoint, an extra), the
+    member's rendered sample lines. `order` is recomputed only when membership changes."""
 
-_HEALTH_HELP = {
-    "whatsapp_exporter_up": "Whether the newest poll of this provider endpoint and target "
-    "succeeded (1) or not (0).",
-    "whatsapp_exporter_last_success_timestamp_seconds": "Unix time of the newest successful "
-    "poll of this provider endpoint and target.",
-    "whatsapp_exporter_poll_duration_seconds": "Wall time of the newest poll of this target, "
-    "including any wait for the account's request budget.",
+    __slots__ = ("created", "family", "members", "om_header", "order", "text_header")
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.text_header = header(family)
+        self.om_header = header(family, openmetrics=True)
+        self.members: dict[tuple[str, ...], bytes] = {}
+        self.created: dict[tuple[str, ...], bytes] = {}  # OpenMetrics only
+        self.order: list[tuple[str, ...]] | None = None
+
+
+_HEALTH = {
+    "up": Family(
+        "whatsapp_exporter_up",
+        "gauge",
+        "Whether the newest poll of this provider endpoint and target succeeded (1) or not (0).",
+        (),
+    ),
+    "last_success": Family(
+        "whatsapp_exporter_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the newest successful poll of this provider endpoint and target.",
+        (),
+    ),
+    "duration": Family(
+        "whatsapp_exporter_poll_duration_seconds",
+        "gauge",
+        "Wall time of the newest poll of this target, including any wait for the account's "
+        "request budget.",
+        (),
+    ),
 }
+_ERRORS = Family("whatsapp_exporter_poll_errors", "counter", "Failed polls by reason.", ())
 
 
 def _no_errors() -> dict[str, int]:
@@ -74,14 +179,18 @@ class Snapshot:
         self._version = version
         self._stale_after = stale_after
         self._clock = clock
-        self._lock = threading.Lock()
         self._targets: dict[TargetKey, TargetState] = {}
         self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
-        self._extra: dict[str, tuple[Family, ...]] = {}
-        self._reload_ok = True
-        self._dirty = True
-        self.exposition = Exposition(b"", b"")
-        self.publish()
+        self._blocks: dict[str, _Block] = {}
+        self._names: list[str] | None = None  # sorted block names
+        self._owned: dict[tuple[str, ...], set[str]] = {}  # member -> names of its blocks
+        self._clashes: set[str] = set()  # family names already warned about
+        self.dropped_samples = 0
+        self.generation = 0
+        self._changed = asyncio.Event()
+        self._put(("g", "build"), [_build_info(version)])
+        self.reload_result(True)
+        self.exposition = self._exposition()
 
     # --- writing (event loop) ---
 
@@ -89,228 +198,232 @@ class Snapshot:
         """Start counting errors for these endpoints (at 0, so rate() works from the first scrape)
         and forget every target and counter of endpoints no longer configured."""
         wanted = set(endpoints)
-        with self._lock:
-            self._stale_after = stale_after
-            self._errors = {k: self._errors.get(k) or _no_errors() for k in sorted(wanted)}
-            self._targets = {
-                k: v
-                for k, v in self._targets.items()
-                if (k.provider, k.account, k.endpoint) in wanted
-            }
-            self._dirty = True
+        self._stale_after = stale_after
+        now = self._clock()
+        for gone in set(self._errors) - wanted:
+            del self._errors[gone]
+            self._put(("e", *gone), ())
+        for new in sorted(wanted - set(self._errors)):
+            self._errors[new] = _no_errors()
+            self._render_errors(new, created=now)
+        self._forget(k for k in self._targets if (k.provider, k.account, k.endpoint) not in wanted)
+        self._touch()
 
     def retain(self, provider: str, account: str, endpoint: str, targets: Iterable[str]) -> None:
         """Forget targets an endpoint no longer polls (a device removed from the account)."""
         keep = set(targets)
-        with self._lock:
-            gone = [
-                k
-                for k in self._targets
-                if (k.provider, k.account, k.endpoint) == (provider, account, endpoint)
-                and k.target not in keep
-            ]
-            for key in gone:
-                del self._targets[key]
-            self._dirty |= bool(gone)
+        self._forget(
+            k
+            for k in self._targets
+            if (k.provider, k.account, k.endpoint) == (provider, account, endpoint)
+            and k.target not in keep
+        )
 
     def succeeded(
         self, key: TargetKey, interval: float, families: Iterable[Family], duration: float
     ) -> None:
         now = self._clock()
-        with self._lock:
-            self._targets[key] = TargetState(
-                key,
-                interval,
-                tuple(families),
-                up=True,
-                last_poll=now,
-                last_success=now,
-                duration=duration,
-            )
-            self._dirty = True
+        state = TargetState(
+            key, interval, up=True, last_poll=now, last_success=now, duration=duration
+        )
+        self._targets[key] = state
+        self._put(
+            ("v", *_fields(key)),
+            families,
+            (("provider", key.provider), ("account", key.account)),
+        )
+        self._render_health(state)
 
-    def failed(self, key: TargetKey, interval: float, error: PollError, duration: float) -> None:
+    def failed(self, key: TargetKey, interval: float, error: PollFailure, duration: float) -> None:
         """Keep the target's last values (until they go stale), mark it down, count the reason."""
-        now = self._clock()
-        with self._lock:
-            old = self._targets.get(key) or TargetState(key, interval)
-            self._targets[key] = replace(
-                old,
-                interval=interval,
-                up=False,
-                last_poll=now,
-                duration=duration,
-                error=f"{error.reason}: {error.detail}",
-            )
-            counts = self._errors.setdefault(
-                (key.provider, key.account, key.endpoint), _no_errors()
-            )
-            counts[error.reason] += 1
-            self._dirty = True
+        reason = error.reason
+        old = self._targets.get(key) or TargetState(key, interval)
+        state = replace(
+            old,
+            interval=interval,
+            up=False,
+            last_poll=self._clock(),
+            duration=duration,
+            error=f"{reason}: {error.detail}",
+            reason=reason,
+        )
+        self._targets[key] = state
+        endpoint = (key.provider, key.account, key.endpoint)
+        counts = self._errors.get(endpoint)
+        if counts is None:  # polled before configure() named it: count it all the same
+            counts = self._errors[endpoint] = _no_errors()
+        counts[reason] += 1
+        self._render_errors(endpoint)
+        self._render_health(state)
 
     def set_extra(self, name: str, families: Iterable[Family]) -> None:
-        """Families that belong to no single poll (state kept by the exporter itself)."""
-        with self._lock:
-            self._extra[name] = tuple(families)
-            self._dirty = True
+        """Families that belong to no single poll (state kept by a provider, such as D7's
+        ledger); their samples carry their own provider and account labels."""
+        self._put(("x", name), families)
 
     def reload_result(self, ok: bool) -> None:
-        with self._lock:
-            self._reload_ok = ok
-            self._dirty = True
+        self._put(
+            ("g", "reload"),
+            [
+                Family(
+                    "whatsapp_exporter_config_last_reload_successful",
+                    "gauge",
+                    "Whether the newest config reload succeeded (1) or kept the old config (0).",
+                    (Sample((), float(ok)),),
+                )
+            ],
+        )
 
     def expire(self) -> None:
         """Drop the values of targets with no success for `stale_after` of their intervals."""
         now = self._clock()
-        with self._lock:
-            for key, state in self._targets.items():
-                stale = bool(
-                    state.last_success is not None
-                    and now - state.last_success > self._stale_after * state.interval
-                )
-                if stale != state.stale:
-                    self._targets[key] = replace(state, stale=stale)
-                    self._dirty = True
+        for key, state in list(self._targets.items()):
+            if (
+                not state.stale
+                and state.last_success is not None
+                and now - state.last_success > self._stale_after * state.interval
+            ):
+                self._targets[key] = replace(state, stale=True)
+                self._put(("v", *_fields(key)), ())
+
+    # --- publishing (event loop) ---
+
+    async def changed(self) -> None:
+        """Returns once something changed since the newest published exposition."""
+        while self.generation == self.exposition.generation:
+            self._changed.clear()
+            await self._changed.wait()
 
     def publish(self) -> bool:
-        """Render the exposition if anything changed since the last render."""
-        with self._lock:
-            if not self._dirty:
-                return False
-            self._dirty = False
-            targets = sorted(self._targets.values(), key=lambda s: s.key)
-            errors = {k: dict(v) for k, v in self._errors.items()}
-            extra = [f for name in sorted(self._extra) for f in self._extra[name]]
-            reload_ok = self._reload_ok
-        plain = render(self._version, targets, errors, extra, reload_ok)
-        self.exposition = Exposition(plain, gzip.compress(plain, compresslevel=6))
+        """Make the newest state the published exposition, if anything changed."""
+        if self.generation == self.exposition.generation:
+            return False
+        self.exposition = self._exposition()
         return True
 
-    # --- reading (any thread) ---
+    def _exposition(self) -> Exposition:
+        text: list[bytes] = []
+        openmetrics: list[bytes] = []
+        if self._names is None:
+            self._names = sorted(self._blocks)
+        for name in self._names:
+            block = self._blocks[name]
+            if block.order is None:
+                block.order = sorted(block.members)
+            lines = list(map(block.members.__getitem__, block.order))
+            text.append(block.text_header)
+            text += lines
+            openmetrics.append(block.om_header)
+            openmetrics += lines
+            if block.created:
+                openmetrics += [block.created[m] for m in block.order if m in block.created]
+        openmetrics.append(EOF)
+        return Exposition(self.generation, text, openmetrics)
+
+    # --- reading (event loop) ---
 
     def targets(self) -> list[TargetState]:
-        with self._lock:
-            return sorted(self._targets.values(), key=lambda s: s.key)
+        return sorted(self._targets.values(), key=lambda s: s.key)
+
+    # --- inside ---
+
+    def _touch(self) -> None:
+        self.generation += 1
+        self._changed.set()
+
+    def _forget(self, keys: Iterable[TargetKey]) -> None:
+        for key in list(keys):
+            del self._targets[key]
+            self._put(("v", *_fields(key)), ())
+            self._put(("h", *_fields(key)), ())
+
+    def _render_health(self, state: TargetState) -> None:
+        labels = tuple(
+            zip(("provider", "account", "endpoint", "target"), _fields(state.key), strict=True)
+        )
+        families = [replace(_HEALTH["up"], samples=(Sample(labels, float(state.up)),))]
+        if state.last_success is not None:
+            families.append(
+                replace(_HEALTH["last_success"], samples=(Sample(labels, state.last_success),))
+            )
+        if state.duration is not None:
+            families.append(replace(_HEALTH["duration"], samples=(Sample(labels, state.duration),)))
+        self._put(("h", *_fields(state.key)), families)
+
+    def _render_errors(self, endpoint: tuple[str, str, str], created: float | None = None) -> None:
+        provider, account, name = endpoint
+        base = (("provider", provider), ("account", account), ("endpoint", name))
+        samples = tuple(
+            Sample((*base, ("reason", reason)), float(count), "_total")
+            for reason, count in self._errors[endpoint].items()
+        )
+        member = ("e", *endpoint)
+        self._put(member, [replace(_ERRORS, samples=samples)])
+        if created is not None:
+            block = self._blocks[_ERRORS.name]
+            block.created[member] = created_lines(_ERRORS, [(s.labels, created) for s in samples])
+
+    def _put(
+        self, member: tuple[str, ...], families: Iterable[Family], prefix: Labels = ()
+    ) -> None:
+        """Replace every line `member` has in the exposition with these families' samples."""
+        rendered: dict[str, bytes] = {}
+        for fam in families:
+            if not valid_name(fam.name) or fam.type not in TYPES:
+                self._clash(fam, "dropping a metric family with an invalid name or type")
+                continue
+            block = self._blocks.get(fam.name)
+            if block is not None and block.family.type != fam.type:
+                self._clash(
+                    fam,
+                    "dropping a metric family whose type differs from an earlier one of that name",
+                    block.family.type,
+                )
+                continue
+            lines, dropped = sample_lines(fam, prefix)
+            self.dropped_samples += dropped
+            if not lines:
+                continue
+            if block is None:
+                block = self._blocks[fam.name] = _Block(replace(fam, samples=()))
+                self._names = None
+            if member not in block.members:
+                block.order = None
+            rendered[fam.name] = rendered.get(fam.name, b"") + lines
+            block.members[member] = rendered[fam.name]
+        for name in self._owned.get(member, set()) - set(rendered):
+            block = self._blocks[name]
+            del block.members[member]
+            block.created.pop(member, None)
+            block.order = None
+            if not block.members:
+                del self._blocks[name]
+                self._names = None
+        if rendered:
+            self._owned[member] = set(rendered)
+        else:
+            self._owned.pop(member, None)
+        self._touch()
+
+    def _clash(self, fam: Family, message: str, first_type: str = "") -> None:
+        if fam.name in self._clashes:
+            return
+        self._clashes.add(fam.name)
+        fields = {"metric": fam.name, "type": fam.type}
+        log.warning(
+            message,
+            extra={"fields": {**fields, **({"first_type": first_type} if first_type else {})}},
+        )
 
 
-def render(
-    version: str,
-    targets: list[TargetState],
-    errors: dict[tuple[str, str, str], dict[str, int]],
-    extra: list[Family],
-    reload_ok: bool,
-) -> bytes:
-    return generate_latest(_Collected(_metrics(version, targets, errors, extra, reload_ok)))
+def _fields(key: TargetKey) -> tuple[str, str, str, str]:
+    return key.provider, key.account, key.endpoint, key.target
 
 
-class _Collected:
-    """What generate_latest wants: anything with collect()."""
-
-    def __init__(self, metrics: list[Metric]):
-        self._metrics = metrics
-
-    def collect(self) -> list[Metric]:
-        return self._metrics
-
-
-def _metrics(
-    version: str,
-    targets: list[TargetState],
-    errors: dict[tuple[str, str, str], dict[str, int]],
-    extra: list[Family],
-    reload_ok: bool,
-) -> list[Metric]:
-    out: dict[str, Metric] = {}
-
-    def add(name: str, type_: str, help_: str, labels: dict[str, str], value: float, suffix=""):
-        metric = out.get(name)
-        if metric is None:
-            metric = out[name] = Metric(name, help_, type_)
-        metric.add_sample(name + suffix, labels, value)
-
-    add(
+def _build_info(version: str) -> Family:
+    return Family(
         "whatsapp_exporter_build_info",
         "gauge",
         "Version of the exporter, always 1.",
-        {"version": version},
-        1,
+        (Sample((("version", version),), 1.0),),
     )
-    add(
-        "whatsapp_exporter_config_last_reload_successful",
-        "gauge",
-        "Whether the newest config reload succeeded (1) or kept the old config (0).",
-        {},
-        int(reload_ok),
-    )
-    for state in targets:
-        if state.up is None:
-            continue
-        labels = _key_labels(state.key)
-        add(
-            "whatsapp_exporter_up",
-            "gauge",
-            _HEALTH_HELP["whatsapp_exporter_up"],
-            labels,
-            int(state.up),
-        )
-        if state.last_success is not None:
-            name = "whatsapp_exporter_last_success_timestamp_seconds"
-            add(name, "gauge", _HEALTH_HELP[name], labels, state.last_success)
-        if state.duration is not None:
-            name = "whatsapp_exporter_poll_duration_seconds"
-            add(name, "gauge", _HEALTH_HELP[name], labels, state.duration)
-    for (provider, account, endpoint), counts in errors.items():
-        for reason, count in counts.items():
-            add(
-                "whatsapp_exporter_poll_errors",
-                "counter",
-                "Failed polls by reason.",
-                {"provider": provider, "account": account, "endpoint": endpoint, "reason": reason},
-                count,
-                "_total",
-            )
-
-    families: list[tuple[TargetKey, Family]] = [
-        (state.key, f) for state in targets if not state.stale for f in state.families
-    ]
-    families += [(None, f) for f in extra]
-    seen_types: dict[str, str] = {}
-    seen_labels: dict[str, set] = {}
-    for key, fam in families:
-        if seen_types.setdefault(fam.name, fam.type) != fam.type:
-            log.warning(
-                "dropping a metric family whose type differs from an earlier one of that name",
-                extra={
-                    "fields": {
-                        "metric": fam.name,
-                        "type": fam.type,
-                        "first_type": seen_types[fam.name],
-                    }
-                },
-            )
-            continue
-        labels_seen = seen_labels.setdefault(fam.name, set())
-        prefix = {"provider": key.provider, "account": key.account} if key else {}
-        for sample in fam.samples:
-            identity = (sample.suffix, prefix.get("provider"), prefix.get("account"), sample.labels)
-            if identity in labels_seen:
-                continue  # never two samples with one label set
-            labels_seen.add(identity)
-            add(
-                fam.name,
-                fam.type,
-                fam.help,
-                {**prefix, **dict(sample.labels)},
-                sample.value,
-                sample.suffix,
-            )
-    return [out[name] for name in sorted(out)]
-
-
-def _key_labels(key: TargetKey) -> dict[str, str]:
-    return {
-        "provider": key.provider,
-        "account": key.account,
-        "endpoint": key.endpoint,
-        "target": key.target,
-    }

@@ -1,58 +1,34 @@
-"""The HTTP surface: /metrics, the landing page, health, readiness and reload.
+"""The HTTP surface: /metrics, the landing page, health, readiness, reload and providers' routes.
 
-A threaded stdlib server (as prometheus_client's own) that never touches the event loop for a
-scrape: /metrics hands out bytes the snapshot already rendered, so a slow provider or a busy poll
-never slows a scrape. Further routes (the D7 ingest API) plug in through `routes`.
+aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
+and no thread ever touches exporter state. /metrics hands out bytes that are already joined: a
+variant (format, gzip) is made once per published exposition, and a gzip scrape that arrives
+while the newest one is still being compressed gets the previous one rather than waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import html
-import json
 import logging
 import re
 import socket
-import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
 
 from exporter import __version__
-from exporter.snapshot import CONTENT_TYPE, Snapshot, TargetState
+from exporter.routing import Request, Response, Route, json_response, text
+from exporter.snapshot import Snapshot, TargetState, Variant
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10467
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def text(status: int, message: str) -> Response:
-    return Response(status, (message + "\n").encode())
-
-
-def json_response(status: int, payload: object) -> Response:
-    return Response(status, json.dumps(payload).encode() + b"\n", "application/json")
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: Mapping[str, str]  # lower-case names
-    body: bytes
-
-
-# A route takes the request (body already read and size-checked) and answers.
-Route = Callable[[Request], Response]
+MAX_BODY = 1 << 20
+BACKLOG = 1024
 
 
 class ListenAddressError(ValueError):
@@ -71,166 +47,6 @@ def parse_listen_address(value: str) -> tuple[str, int, socket.AddressFamily]:
     return match[2] or "0.0.0.0", int(match[3]), socket.AF_INET
 
 
-class WebServer:
-    def __init__(
-        self,
-        address: str,
-        snapshot: Snapshot,
-        *,
-        ready: Callable[[], bool],
-        reload: Callable[[], tuple[bool, str]],
-        routes: Mapping[tuple[str, str], Route] | None = None,
-        prefix_routes: Mapping[tuple[str, str], Route] | None = None,
-        max_body: int = 1 << 20,
-    ):
-        host, port, family = parse_listen_address(address)
-        handler = _handler(
-            snapshot, ready, reload, dict(routes or {}), dict(prefix_routes or {}), max_body
-        )
-        server_class = type("_Server", (_Server,), {"address_family": family})
-        self._server = server_class((host, port), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="web", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> WebServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def handle_error(self, request, client_address) -> None:
-        # a client that hangs up mid-answer is not the operator's problem; no traceback on stderr
-        log.debug("error while answering %s", client_address, exc_info=True)
-
-
-def _handler(
-    snapshot: Snapshot,
-    ready: Callable[[], bool],
-    reload: Callable[[], tuple[bool, str]],
-    routes: dict[tuple[str, str], Route],
-    prefix_routes: dict[tuple[str, str], Route],
-    max_body: int,
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"whatsapp-exporter/{__version__}"
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args) -> None:
-            log.debug("http: " + format, *args)
-
-        def do_GET(self) -> None:
-            self._answer(self._get())
-
-        def do_HEAD(self) -> None:
-            self._answer(self._get(), head=True)
-
-        def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/-/reload":
-                refused = self._read_body()
-                if isinstance(refused, Response):
-                    self._answer(refused)
-                    return
-                ok, message = reload()
-                self._answer(text(200 if ok else 500, message))
-                return
-            route = _find(routes, prefix_routes, "POST", path)
-            body = self._read_body()
-            if route is None and not isinstance(body, Response):
-                body = self._missing(path)
-            if isinstance(body, Response):
-                self._answer(body)
-                return
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            self._answer(route(Request("POST", path, headers, body)))
-
-        def do_PUT(self) -> None:
-            body = self._read_body()
-            path = self.path.split("?", 1)[0]
-            self._answer(body if isinstance(body, Response) else self._missing(path))
-
-        do_DELETE = do_PATCH = do_PUT
-
-        def _get(self) -> Response:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                exposition = snapshot.exposition
-                if _accepts_gzip(self.headers.get("Accept-Encoding", "")):
-                    return Response(
-                        200,
-                        exposition.gzipped,
-                        CONTENT_TYPE,
-                        (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")),
-                    )
-                return Response(200, exposition.plain, CONTENT_TYPE, (("Vary", "Accept-Encoding"),))
-            if path == "/":
-                return Response(200, landing_page(snapshot.targets()), "text/html; charset=utf-8")
-            if path == "/-/healthy":
-                return text(200, "Healthy.")
-            if path == "/-/ready":
-                return (
-                    text(200, "Ready.") if ready() else text(503, "Not ready: first polls running.")
-                )
-            route = _find(routes, prefix_routes, "GET", path)
-            if route is not None:
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                return route(Request("GET", path, headers, b""))
-            return self._missing(path)
-
-        def _missing(self, path: str) -> Response:
-            allowed = _allowed_methods(path, routes, prefix_routes)
-            if allowed:
-                return Response(
-                    405,
-                    f"Method {self.command} not allowed on {path}; use {allowed}.\n".encode(),
-                    headers=(("Allow", allowed),),
-                )
-            return text(404, f"Not found: {path}. See / for what this exporter serves.")
-
-        def _read_body(self) -> bytes | Response:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self.close_connection = True
-                return json_response(411, {"error": "send the body with a Content-Length"})
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                self.close_connection = True
-                return json_response(400, {"error": "Content-Length is not a number"})
-            if length < 0:
-                self.close_connection = True
-                return json_response(400, {"error": "Content-Length is negative"})
-            if length > max_body:
-                self.close_connection = True
-                return json_response(
-                    413, {"error": f"body of {length} bytes is over the limit of {max_body}"}
-                )
-            return self.rfile.read(length)
-
-        def _answer(self, response: Response, head: bool = False) -> None:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            for name, value in response.headers:
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if not head:
-                self.wfile.write(response.body)
-
-    return Handler
-
-
 _BUILT_IN = {
     "/metrics": "GET, HEAD",
     "/": "GET, HEAD",
@@ -240,35 +56,165 @@ _BUILT_IN = {
 }
 
 
-def _allowed_methods(
-    path: str,
-    routes: dict[tuple[str, str], Route],
-    prefix_routes: dict[tuple[str, str], Route],
-) -> str:
-    """What a 405 offers instead; empty for a path nothing serves (a 404)."""
-    methods = [m for m, p in routes if p == path]
-    methods += [m for m, p in prefix_routes if path.startswith(p) and len(path) > len(p)]
-    return ", ".join(methods) or _BUILT_IN.get(path, "")
+class WebServer:
+    def __init__(
+        self,
+        address: str,
+        snapshot: Snapshot,
+        *,
+        ready: Callable[[], bool],
+        reload: Callable[[], Awaitable[tuple[bool, str]]],
+        routes: Callable[[], Sequence[Route]] = tuple,
+    ):
+        self._host, self._port, self._family = parse_listen_address(address)
+        self._snapshot = snapshot
+        self._ready = ready
+        self._reload = reload
+        self._routes = routes
+        self._latest: dict[Variant, tuple[int, bytes]] = {}  # newest body served per variant
+        self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._socket is not None
+        return self._socket.getsockname()[1]
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 8190})
+        app.router.add_route("*", "/{path:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._socket = socket.create_server(
+            (self._host, self._port), family=self._family, backlog=BACKLOG, reuse_port=False
+        )
+        self._socket.setblocking(False)
+        await web.SockSite(self._runner, self._socket, backlog=BACKLOG).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- routing ---
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path, method = request.path, request.method
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return await self._metrics(request)
+        if method in ("GET", "HEAD"):
+            answer = self._get(path)
+            if answer is not None:
+                return _web(answer)
+        if method == "POST" and path == "/-/reload":
+            body = await _read_body(request)
+            if isinstance(body, Response):
+                return _web(body)
+            ok, message = await self._reload()
+            return _web(text(200 if ok else 500, message))
+        routes = self._routes()
+        route = next((r for r in routes if r.method == method and r.matches(path)), None)
+        if route is None:
+            return _web(self._missing(method, path, routes))
+        body = await _read_body(request) if method not in ("GET", "HEAD") else b""
+        if isinstance(body, Response):
+            return _web(body)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return _web(await route.handler(Request(method, path, headers, body)))
+
+    def _get(self, path: str) -> Response | None:
+        if path == "/":
+            return Response(200, landing_page(self._snapshot.targets()), "text/html; charset=utf-8")
+        if path == "/-/healthy":
+            return text(200, "Healthy.")
+        if path == "/-/ready":
+            return (
+                text(200, "Ready.")
+                if self._ready()
+                else text(503, "Not ready: first polls running.")
+            )
+        return None
+
+    def _missing(self, method: str, path: str, routes: Sequence[Route]) -> Response:
+        allowed = ", ".join(r.method for r in routes if r.matches(path)) or _BUILT_IN.get(path, "")
+        if allowed:
+            return Response(
+                405,
+                f"Method {method} not allowed on {path}; use {allowed}.\n".encode(),
+                headers=(("Allow", allowed),),
+            )
+        return text(404, f"Not found: {path}. See / for what this exporter serves.")
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        variant = Variant(
+            openmetrics=_wants_openmetrics(request.headers.get("Accept", "")),
+            gzip=_accepts_gzip(request.headers.get("Accept-Encoding", "")),
+        )
+        exposition = self._snapshot.exposition
+        body = exposition.ready(variant)
+        if body is None and exposition.cheap(variant):
+            body = exposition.body(variant)
+        if body is None:
+            previous = self._latest.get(variant)
+            work = asyncio.ensure_future(exposition.body_async(variant))
+            if variant.gzip and previous is not None:
+                # the newest gzip is on its way; until then, the previous one, a moment older
+                work.add_done_callback(
+                    functools.partial(self._remember, exposition.generation, variant)
+                )
+                body = previous[1]
+            else:
+                body = await work
+                self._remember_body(exposition.generation, variant, body)
+        else:
+            self._remember_body(exposition.generation, variant, body)
+        headers = {"Content-Type": variant.content_type, "Vary": "Accept, Accept-Encoding"}
+        if variant.gzip:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    def _remember(self, generation: int, variant: Variant, done: asyncio.Future[bytes]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._remember_body(generation, variant, done.result())
+
+    def _remember_body(self, generation: int, variant: Variant, body: bytes) -> None:
+        if generation >= self._latest.get(variant, (-1, b""))[0]:
+            self._latest[variant] = (generation, body)
 
 
-def _find(
-    routes: dict[tuple[str, str], Route],
-    prefix_routes: dict[tuple[str, str], Route],
-    method: str,
-    path: str,
-) -> Route | None:
-    if (method, path) in routes:
-        return routes[(method, path)]
-    for (m, prefix), route in prefix_routes.items():
-        if m == method and path.startswith(prefix) and len(path) > len(prefix):
-            return route
-    return None
+async def _read_body(request: web.Request) -> bytes | Response:
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        return json_response(411, {"error": "send the body with a Content-Length"})
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return json_response(
+            413,
+            {"error": f"body of {request.content_length} bytes is over the limit of {MAX_BODY}"},
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return json_response(413, {"error": f"the body is over the limit of {MAX_BODY} bytes"})
+
+
+def _web(response: Response) -> web.Response:
+    headers = {"Content-Type": response.content_type, **dict(response.headers)}
+    return web.Response(status=response.status, body=response.body, headers=headers)
 
 
 def _accepts_gzip(header: str) -> bool:
     for part in header.split(","):
         coding, _, params = part.strip().partition(";")
         if coding.strip().lower() in ("gzip", "*"):
+            q = re.search(r"q\s*=\s*([0-9.]+)", params)
+            return not q or float(q[1]) > 0
+    return False
+
+
+def _wants_openmetrics(header: str) -> bool:
+    """OpenMetrics when the scraper lists it (Prometheus does, first) with a q above 0."""
+    for part in header.split(","):
+        kind, _, params = part.strip().partition(";")
+        if kind.strip().lower() == "application/openmetrics-text":
             q = re.search(r"q\s*=\s*([0-9.]+)", params)
             return not q or float(q[1]) > 0
     return False

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from exporter.ledger import BUCKETS, Ledger, MessageUpdate, Schedule
+from exporter.providers.d7.ledger import BUCKETS, Ledger, MessageUpdate, Schedule
 from exporter.simulator import D7Simulator, Fault
 from tests.conftest import run_exporter, value, values, wait_for
 

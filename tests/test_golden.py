@@ -13,9 +13,9 @@ import subprocess
 
 import pytest
 
-from exporter.ledger import Totals
 from exporter.providers import betatel, d7, kaleyra, whatsgate
 from exporter.providers.base import PollError
+from exporter.providers.d7.ledger import Totals
 from exporter.snapshot import Snapshot, TargetKey
 from tests.conftest import GOLDEN, require_tool
 

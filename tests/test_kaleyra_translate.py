@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from exporter.config import ConfigError, Defaults, parse_config
-from exporter.providers.base import POLLED, Family, PollError, Sample, Services
+from exporter.metrics import Family, Sample
+from exporter.providers.base import POLLED, PollError
 from exporter.providers.kaleyra import (
     PROVIDER,
     Account,
@@ -666,9 +667,10 @@ def test_non_finite_values_pass() -> None:
 
 def test_a_type_conflict_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
     stats = {"app": {"warned": stat((None, 1)), "app_warned": stat((None, 2), type_="counter")}}
+    warned: set[str] = set()  # one account's: it warns once per name, however often polled
     with caplog.at_level(logging.WARNING, logger="exporter.providers.kaleyra"):
-        run(stats)
-        run(stats)
+        for _ in range(2):
+            translate(N, monitor_stats({"data": {"stats": stats}}), warned)
     assert [r.fields for r in caplog.records] == [
         {
             "metric": "whatsapp_client_app_warned",
@@ -837,8 +839,8 @@ def test_headers_inline_and_from_files(tmp_path) -> None:
         (
             "[{account: a, numbers: ['+12025550100'], devices: []}]",
             [
-                "kaleyra[0].devices: unknown key (allowed: account, base_url, header_files,"
-                " headers, interval, numbers, rate_limit, stats_path, timeout)"
+                "kaleyra[0].devices: unknown key (allowed: account, base_url, concurrency,"
+                " header_files, headers, interval, numbers, rate_limit, stats_path, timeout)"
             ],
         ),
         (
@@ -924,10 +926,10 @@ def test_one_endpoint_polls_every_number_in_config_order() -> None:
         "kaleyra: [{account: a, numbers: ['+919876543210', '+12025550100'], interval: 2m,"
         " stats_path: '/v2/stats/{number}?x=1'}]"
     )
-    (endpoint,) = endpoints(account, Defaults(), Services())
+    (endpoint,) = endpoints(account, Defaults(), None)
     assert (endpoint.name, endpoint.interval) == ("monitor_stats", 120.0)
     assert list(endpoint.targets({})) == ["+919876543210", "+12025550100"]
-    assert endpoint.families is translate
+    assert endpoint.families.func is translate  # with the account's own set of warned names
 
     api = FakeApi(json.loads(SEED))
     result = asyncio.run(endpoint.fetch(api, "+12025550100"))
@@ -937,7 +939,7 @@ def test_one_endpoint_polls_every_number_in_config_order() -> None:
 
 def test_the_interval_defaults_to_the_global_one() -> None:
     account = load("kaleyra: [{account: a, numbers: ['+12025550100']}]")
-    assert endpoints(account, Defaults(interval=30), Services())[0].interval == 30.0
+    assert endpoints(account, Defaults(interval=30), None)[0].interval == 30.0
 
 
 def test_the_provider() -> None:

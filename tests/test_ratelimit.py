@@ -59,11 +59,13 @@ whatsgate:
 def test_429_retry_after_delays_the_accounts_next_request():
     with WhatsGateSimulator(devices=3, auto=False, rate_limit=None) as sim:
         sim.fail("balance", Fault.rate_limited(retry_after=2), times=1)
+        # one request at a time, so "the next request" is one sent after the 429 arrived
         config = f"""
 whatsgate:
   - account: acme
     base_url: {sim.base_url}
     token: demo-token
+    concurrency: 1
 """
         with run_exporter(config) as running:
             wait_for(

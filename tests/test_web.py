@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import socket
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -116,15 +117,30 @@ def test_ready_only_after_the_first_polls(sims):
 
 
 def test_scrapes_never_render(sims, monkeypatch):
-    renders = []
-    original = snapshot_module.render
-    monkeypatch.setattr(snapshot_module, "render", lambda *a: renders.append(1) or original(*a))
+    """Lines are written when a poll lands; a scrape joins (once per variant) what is there."""
+    renders, joins = [], []
+    original_lines = snapshot_module.sample_lines
+    original_compute = snapshot_module.Exposition.compute
+    monkeypatch.setattr(
+        snapshot_module, "sample_lines", lambda *a: renders.append(1) or original_lines(*a)
+    )
+    monkeypatch.setattr(
+        snapshot_module.Exposition,
+        "compute",
+        lambda self, variant: joins.append(variant) or original_compute(self, variant),
+    )
     with run_exporter(all_config(sims, "1h")) as running:
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
-        before = len(renders)
+        time.sleep(1.5)  # the last publication after the first round
+        before, joins_before = len(renders), len(joins)
         bodies = {httpx.get(f"{running.url}/metrics").content for _ in range(30)}
+        zipped = {
+            httpx.get(f"{running.url}/metrics", headers={"Accept-Encoding": "gzip"}).content
+            for _ in range(30)
+        }
         assert len(renders) == before
-        assert len(bodies) == 1
+        assert len(joins) - joins_before <= 2  # plain and gzip of the newest version, once each
+        assert len(bodies) == 1 and len(zipped) == 1
 
 
 def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):

@@ -8,72 +8,25 @@ API means.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pydantic
 
 from exporter.config import AccountBase, Defaults, RateLimit
+from exporter.metrics import REASONS, Family
 from exporter.ratelimit import RequestBudget
+from exporter.routing import Route
 
 POLLED = "Polled in the background; up to one poll interval old."
 
-# --- metric families as plain data -------------------------------------------------------------
-
-Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    labels: Labels
-    value: float
-    suffix: str = ""  # "", "_total", "_count", "_sum", "_bucket"
-
-
-@dataclass(frozen=True, slots=True)
-class Family:
-    """One metric family as the provider sees it; provider and account labels are added later."""
-
-    name: str
-    type: str  # gauge, counter, summary, histogram, untyped
-    help: str
-    samples: tuple[Sample, ...]
-
-
-def family(
-    name: str, type_: str, help_: str, samples: Iterable[tuple[Mapping[str, str], float]]
-) -> Family:
-    suffix = "_total" if type_ == "counter" else ""
-    return Family(
-        name,
-        type_,
-        help_,
-        tuple(Sample(tuple(labels.items()), float(value), suffix) for labels, value in samples),
-    )
-
-
-def gauge(name: str, help_: str, samples: Iterable[tuple[Mapping[str, str], float]]) -> Family:
-    return family(name, "gauge", help_, samples)
-
-
 # --- errors -------------------------------------------------------------------------------------
-
-REASONS = (
-    "timeout",
-    "connect",
-    "auth",
-    "rate_limited",
-    "not_found",
-    "http_4xx",
-    "http_5xx",
-    "bad_response",
-    "provider_error",
-)
 
 
 class PollError(Exception):
@@ -144,10 +97,14 @@ class Api:
         client: httpx.AsyncClient,
         budget: RequestBudget,
         provider_error: Callable[[Any], str | None],
+        concurrency: int = 1,
     ):
         self.client = client
         self.budget = budget
         self._provider_error = provider_error
+        # requests in flight for this account, whichever endpoint sends them; taken before a
+        # budget slot, so a request waiting here holds no place in the budget
+        self.gate = asyncio.Semaphore(concurrency)
 
     async def call(
         self,
@@ -158,7 +115,7 @@ class Api:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
-        async with self.budget.slot():
+        async with self.gate, self.budget.slot():
             try:
                 response = await self.client.request(
                     method, path, params=params, json=json_body, headers=headers
@@ -220,6 +177,7 @@ class Endpoint:
     targets: Callable[[Known], Sequence[str]]
     fetch: Callable[[Api, str], Awaitable[Any]]
     families: Callable[[str, Any], Sequence[Family]]
+    remember: bool = False  # keep the newest results in `Known`, for other endpoints' targets
 
 
 def account_wide(known: Known) -> Sequence[str]:
@@ -227,11 +185,30 @@ def account_wide(known: Known) -> Sequence[str]:
     return ("",)
 
 
-@dataclass(frozen=True)
-class Services:
-    """Process-wide things an endpoint may need besides HTTP: the D7 request ledger."""
+# --- what a provider may keep besides its polls (D7's ledger) -----------------------------------
 
-    ledger: Any = None
+
+class ProviderStateError(Exception):
+    """A provider's own state cannot be opened: the exporter does not start."""
+
+
+@dataclass(frozen=True)
+class StateContext:
+    """What the exporter hands a provider when it opens the provider's own state."""
+
+    storage_path: str
+    accounts: Callable[[], Mapping[str, Any]]  # the running config's accounts of this provider
+    changed: Callable[[], None]  # thread-safe: the state's families changed
+
+
+class ProviderState(Protocol):
+    """Opened once at start, kept across reloads, closed at shutdown."""
+
+    def routes(self) -> Sequence[Route]: ...
+
+    def families(self) -> Sequence[Family]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -240,5 +217,7 @@ class Provider:
     account_model: type[AccountBase]
     default_rate_limit: RateLimit
     headers: Callable[[Any], dict[str, str]]
-    endpoints: Callable[[Any, Defaults, Services], list[Endpoint]]
+    # (account, defaults, the provider's state or None) -> the account's endpoints
+    endpoints: Callable[[Any, Defaults, Any], list[Endpoint]]
     provider_error: Callable[[Any], str | None]
+    open_state: Callable[[StateContext], ProviderState] | None = None

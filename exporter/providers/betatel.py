@@ -19,16 +19,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import SecretStr, field_validator
 
 from exporter.config import AccountBase, Defaults, RateLimit, SecretFile
+from exporter.metrics import Family, gauge
 from exporter.providers.base import (
     POLLED,
     Answer,
     Api,
     Endpoint,
-    Family,
     Known,
     Provider,
-    Services,
-    gauge,
     parse,
 )
 
@@ -191,7 +189,7 @@ def window_targets(account: Account, known: Known) -> Sequence[str]:
     return account.windows
 
 
-def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpoint]:
     return [
         Endpoint(
             "stats",

@@ -20,17 +20,14 @@ from urllib.parse import quote
 from pydantic import AfterValidator, BeforeValidator, SecretStr, field_validator, model_validator
 
 from exporter.config import AccountBase, Defaults, RateLimit, read_secret_file
+from exporter.metrics import Family, Labels, Sample
 from exporter.providers.base import (
     POLLED,
     Api,
     Endpoint,
-    Family,
     Known,
-    Labels,
     PollError,
     Provider,
-    Sample,
-    Services,
 )
 
 log = logging.getLogger(__name__)
@@ -446,12 +443,10 @@ def _group(section: str, families: Mapping[str, Any], base: Labels) -> Iterator[
             yield _summary(section, stem, count, sum_)
 
 
-_warned: set[str] = set()  # names already warned about; a clash would otherwise log every poll
-
-
-def _clash(message: str, family: Family, first: Family) -> None:
-    if family.name not in _warned:
-        _warned.add(family.name)
+def _clash(message: str, family: Family, first: Family, warned: set[str]) -> None:
+    """Once per name and account: a clash would otherwise be logged on every poll."""
+    if family.name not in warned:
+        warned.add(family.name)
         fields = {"metric": family.name, "type": family.type, "first": first.name}
         log.warning(message, extra={"fields": {**fields, "first_type": first.type}})
 
@@ -465,7 +460,7 @@ def _exposed(family: Family) -> list[str]:
     return [family.name + suffix for suffix in _EXPOSED.get(family.type, ("",))]
 
 
-def _merge(families: Iterable[Family]) -> list[Family]:
+def _merge(families: Iterable[Family], warned: set[str]) -> list[Family]:
     """Same name and type: one family. Otherwise the first wins, so the exposition stays valid."""
     kept: dict[str, Family] = {}
     samples: dict[str, dict[tuple[str, frozenset], Sample]] = {}
@@ -475,14 +470,22 @@ def _merge(families: Iterable[Family]) -> list[Family]:
         if first is None:
             other = next((owner[n] for n in _exposed(family) if n in owner), None)
             if other is not None:
-                _clash("dropping a client stat whose samples clash with another's", family, other)
+                _clash(
+                    "dropping a client stat whose samples clash with another's",
+                    family,
+                    other,
+                    warned,
+                )
                 continue
             kept[family.name] = family
             samples[family.name] = {}
             owner.update(dict.fromkeys(_exposed(family), family))
         elif first.type != family.type:
             _clash(
-                "dropping a client stat of another type than the first of its name", family, first
+                "dropping a client stat of another type than the first of its name",
+                family,
+                first,
+                warned,
             )
             continue
         bucket = samples[family.name]
@@ -495,8 +498,9 @@ def _merge(families: Iterable[Family]) -> list[Family]:
     ]
 
 
-def translate(number: str, result: MonitorStats) -> list[Family]:
-    """Every family the client sent, renamed and typed by rule (design.md, "Metric contract")."""
+def translate(number: str, result: MonitorStats, warned: set[str] | None = None) -> list[Family]:
+    """Every family the client sent, renamed and typed by rule (design.md, "Metric contract").
+    `warned`: names of clashes already logged for this account."""
 
     def families() -> Iterator[Family]:
         for section, content in result.stats.items():
@@ -509,14 +513,15 @@ def translate(number: str, result: MonitorStats) -> list[Family]:
                     base += (("node", str(node)),)
                 yield from _group(str(section), group, base)
 
-    return _merge(families())
+    return _merge(families(), set() if warned is None else warned)
 
 
 # --- the provider -------------------------------------------------------------------------------
 
 
-def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpoint]:
     numbers = tuple(account.numbers)
+    warned: set[str] = set()
 
     def targets(known: Known) -> Sequence[str]:
         return numbers
@@ -527,7 +532,7 @@ def endpoints(account: Account, defaults: Defaults, services: Services) -> list[
             account.interval or defaults.interval,
             targets,
             functools.partial(fetch, account),
-            translate,
+            functools.partial(translate, warned=warned),
         )
     ]
 

@@ -18,17 +18,15 @@ from urllib.parse import quote
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 
 from exporter.config import AccountBase, Defaults, Duration, RateLimit, Schedule, SecretFile, Strict
+from exporter.metrics import Family, gauge
 from exporter.providers.base import (
     POLLED,
     Answer,
     Api,
     Endpoint,
-    Family,
     Known,
     Provider,
-    Services,
     account_wide,
-    gauge,
     parse,
 )
 
@@ -284,7 +282,7 @@ def device_targets(account: Account, known: Known) -> Sequence[str]:
     return [d.mobile for d in listed.devices] if listed else []
 
 
-def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
+def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpoint]:
     interval = account.interval or defaults.interval
     targets = functools.partial(device_targets, account)
     return [
@@ -294,6 +292,7 @@ def endpoints(account: Account, defaults: Defaults, services: Services) -> list[
             account_wide,
             functools.partial(fetch_devices, account),
             devices_families,
+            remember=True,  # the per-device endpoints poll the devices it lists
         ),
         Endpoint(
             "balance",

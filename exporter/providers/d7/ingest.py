@@ -7,6 +7,7 @@ before anything is stored, and ids are committed before the answer goes out.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -14,12 +15,12 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import pydantic
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
-from exporter.ledger import Ledger, LedgerError
-from exporter.providers import d7
-from exporter.providers.base import PollError
-from exporter.web import Request, Response, Route, json_response
+from exporter.providers.base import Answer, PollError, parse
+from exporter.providers.d7.account import Account
+from exporter.providers.d7.ledger import Ledger, LedgerError, MessageUpdate
+from exporter.routing import Request, Response, Route, json_response
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,44 @@ RequestId = Annotated[
 ]
 
 
+class WebhookEvent(Answer):
+    """One delivery event as D7 posts it; reference fields may be flat or nested (ignored)."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    msg_id: str | None = Field(None, max_length=128)
+    status: str = Field(min_length=1, max_length=64)
+    timestamp: float | None = None  # ms since epoch
+    conversation_type: str | None = None
+    message_type: str | None = None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _timestamp(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    def update(self) -> MessageUpdate:
+        at = self.timestamp / 1000 if self.timestamp and self.timestamp > 0 else None
+        return MessageUpdate(
+            msg_id=self.msg_id or "#0",
+            status=self.status,
+            conversation_type=self.conversation_type or "",
+            message_type=self.message_type or "",
+            at=at,
+        )
+
+
+def events(body: Any) -> list[WebhookEvent]:
+    """A webhook body: one event object, or a list of them."""
+    items = body if isinstance(body, list) else [body]
+    return [parse(WebhookEvent, item, f"event[{i}]") for i, item in enumerate(items)]
+
+
+def sent_at(event: WebhookEvent) -> float | None:
+    if event.status.lower() == "sent" and event.timestamp:
+        return event.timestamp / 1000
+    return None
+
+
 class _Handover(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     account: str
@@ -40,14 +79,17 @@ class _Handover(pydantic.BaseModel):
 
 
 class Ingest:
-    def __init__(self, ledger: Ledger, accounts: Callable[[], Mapping[str, d7.Account]]):
+    def __init__(self, ledger: Ledger, accounts: Callable[[], Mapping[str, Account]]):
         self._ledger = ledger
         self._accounts = accounts  # the running config's D7 accounts, by name
 
-    def routes(self) -> tuple[dict[tuple[str, str], Route], dict[tuple[str, str], Route]]:
-        return {("POST", REQUESTS_PATH): self.requests}, {("POST", WEBHOOK_PREFIX): self.webhook}
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", REQUESTS_PATH, self.requests),
+            Route("POST", WEBHOOK_PREFIX, self.webhook, prefix=True),
+        ]
 
-    def requests(self, request: Request) -> Response:
+    async def requests(self, request: Request) -> Response:
         refused = self._authenticated(request)
         if refused:
             return refused
@@ -62,7 +104,9 @@ class Ingest:
         if isinstance(account, Response):
             return account
         try:
-            new = self._ledger.add(account.account, handover.request_ids, account.schedule())
+            new = await asyncio.to_thread(
+                self._ledger.add, account.account, handover.request_ids, account.schedule()
+            )
         except LedgerError as exc:
             return _unavailable(exc)
         return json_response(
@@ -75,7 +119,7 @@ class Ingest:
             },
         )
 
-    def webhook(self, request: Request) -> Response:
+    async def webhook(self, request: Request) -> Response:
         refused = self._authenticated(request)
         if refused:
             return refused
@@ -88,12 +132,12 @@ class Ingest:
         if isinstance(body, list) and not 1 <= len(body) <= MAX_IDS:
             return _error(422, f"send 1 to {MAX_IDS} events at a time, not {len(body)}")
         try:
-            events = d7.events(body)
+            received = events(body)
         except PollError as exc:  # the shape check D7's answers get, reused for its webhooks
             return _error(422, exc.detail)
-        batch = [(e.request_id, e.update(), d7.sent_at(e)) for e in events]
+        batch = [(e.request_id, e.update(), sent_at(e)) for e in received]
         try:
-            self._ledger.report(account.account, batch, account.schedule())
+            await asyncio.to_thread(self._ledger.report, account.account, batch, account.schedule())
         except LedgerError as exc:
             return _unavailable(exc)
         return json_response(200, {"account": account.account, "accepted": len(batch)})
@@ -107,7 +151,7 @@ class Ingest:
             return _error(401, "the bearer token is not an ingest_token of this exporter")
         return None
 
-    def _account(self, request: Request, name: str) -> d7.Account | Response:
+    def _account(self, request: Request, name: str) -> Account | Response:
         account = self._accounts().get(name)
         if account is None:
             return _error(404, f"no D7 account named {name!r} is configured")
@@ -117,7 +161,7 @@ class Ingest:
         return account
 
 
-def _same(token: str, account: d7.Account) -> bool:
+def _same(token: str, account: Account) -> bool:
     return hmac.compare_digest(token.encode(), account.ingest_token.get_secret_value().encode())
 
 

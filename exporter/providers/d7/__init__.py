@@ -17,64 +17,34 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, field_validator
-
-from exporter.config import AccountBase, Defaults, Duration, RateLimit, SecretFile
-from exporter.ledger import BUCKETS, Ledger, MessageUpdate, Schedule, Totals
+from exporter.config import Defaults, RateLimit
+from exporter.metrics import Family, Sample
 from exporter.providers.base import (
     Answer,
     Api,
     Endpoint,
-    Family,
     PollError,
     Provider,
-    Sample,
-    Services,
+    ProviderStateError,
+    StateContext,
     account_wide,
     parse,
 )
+from exporter.providers.d7.account import Account
+from exporter.providers.d7.ingest import Ingest
+from exporter.providers.d7.ledger import (
+    BUCKETS,
+    Ledger,
+    LedgerError,
+    MessageUpdate,
+    Totals,
+)
+from exporter.routing import Route
 
 log = logging.getLogger(__name__)
 
 CANARY_ID = "00000000-0000-4000-8000-000000000000"
 ACCOUNT_LEVEL = frozenset({"auth", "timeout", "connect", "http_5xx", "rate_limited"})
-
-
-class Account(AccountBase):
-    SECRETS = ("token", "ingest_token")
-
-    base_url: str = "https://api.d7networks.com"
-    token: SecretStr | None = None
-    token_file: SecretFile = None
-    ingest_token: SecretStr | None = None  # what the sending app and D7's webhook present
-    ingest_token_file: SecretFile = None
-    # the docs say v2; every official SDK calls /whatsapp/v1/report/{request_id}
-    report_path: str = "/whatsapp/v2/report/{request_id}"
-    interval: Duration | None = 5.0  # how often due ids are picked, not how often each is asked
-    retry_first: Duration = 30.0  # an id's first poll after it came in, and its first back-off
-    retry_max: Duration = 1800.0  # back-off doubles up to this
-    not_found_grace: Duration = 600.0  # 404 for a fresh id is retried this long, then expired
-    final_after: Duration = 86400.0  # a delivered message is followed this long for `read`
-    expire_after: Duration = 259200.0  # an id not final by then is expired
-    keep_finished: Duration = 604800.0  # finished ids are remembered (and not counted again)
-    concurrency: int = Field(8, ge=1, le=64)
-
-    @field_validator("report_path")
-    @classmethod
-    def _report_path(cls, path: str) -> str:
-        if "{request_id}" not in path or not path.startswith("/"):
-            raise ValueError(f"{path!r} must start with / and contain {{request_id}}")
-        return path
-
-    def schedule(self) -> Schedule:
-        return Schedule(
-            first=self.retry_first,
-            max=self.retry_max,
-            not_found_grace=self.not_found_grace,
-            final_after=self.final_after,
-            expire_after=self.expire_after,
-            keep_finished=self.keep_finished,
-        )
 
 
 def provider_error(body: Any) -> str | None:
@@ -126,32 +96,6 @@ def report_updates(body: Any) -> list[MessageUpdate]:
     ]
 
 
-class WebhookEvent(Answer):
-    """One delivery event as D7 posts it; reference fields may be flat or nested (ignored)."""
-
-    request_id: str = Field(min_length=1, max_length=128)
-    msg_id: str | None = Field(None, max_length=128)
-    status: str = Field(min_length=1, max_length=64)
-    timestamp: float | None = None  # ms since epoch
-    conversation_type: str | None = None
-    message_type: str | None = None
-
-    @field_validator("timestamp", mode="before")
-    @classmethod
-    def _timestamp(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
-
-    def update(self) -> MessageUpdate:
-        at = self.timestamp / 1000 if self.timestamp and self.timestamp > 0 else None
-        return MessageUpdate(
-            msg_id=self.msg_id or "#0",
-            status=self.status,
-            conversation_type=self.conversation_type or "",
-            message_type=self.message_type or "",
-            at=at,
-        )
-
-
 # --- the poll cycle -----------------------------------------------------------------------------
 
 
@@ -184,26 +128,24 @@ class Follower:
             await asyncio.to_thread(self.ledger.expire_old, name, self.schedule)
             await self._canary(api)
             return Cycle(0, self.ledger.pending_count(name))
-        gate = asyncio.Semaphore(self.account.concurrency)
 
-        async def one(item):
-            async with gate:
-                try:
-                    return (
-                        item,
-                        report_updates(await api.call("GET", self.path(item.request_id))),
-                        None,
+        async def one(item):  # at most `concurrency` in flight: Api.call holds the account's gate
+            try:
+                return (
+                    item,
+                    report_updates(await api.call("GET", self.path(item.request_id))),
+                    None,
+                )
+            except PollError as error:
+                if error.reason == "not_found":
+                    return item, None, "not_found"
+                if error.reason in ("provider_error", "http_4xx"):
+                    log.info(
+                        "D7 refuses a request id; expiring it",
+                        extra={"fields": {"account": name, "error": error.detail}},
                     )
-                except PollError as error:
-                    if error.reason == "not_found":
-                        return item, None, "not_found"
-                    if error.reason in ("provider_error", "http_4xx"):
-                        log.info(
-                            "D7 refuses a request id; expiring it",
-                            extra={"fields": {"account": name, "error": error.detail}},
-                        )
-                        return item, None, "gone"
-                    return item, None, error
+                    return item, None, "gone"
+                return item, None, error
 
         outcomes = await asyncio.gather(*(one(item) for item in due))
         errors = [problem for _, _, problem in outcomes if isinstance(problem, PollError)]
@@ -226,7 +168,7 @@ class Follower:
 
 
 def cycle_families(target: str, result: Cycle) -> list[Family]:
-    """The D7 metrics are the ledger's, published as it changes; a cycle adds none itself."""
+    """The D7 metrics are the ledger's (`Tracking.families`); a cycle adds none itself."""
     return []
 
 
@@ -279,25 +221,37 @@ def ledger_families(totals: dict[str, Totals]) -> list[Family]:
     ]
 
 
-def endpoints(account: Account, defaults: Defaults, services: Services) -> list[Endpoint]:
-    if services.ledger is None:
+class Tracking:
+    """D7's own state: the request ledger, the routes that feed it, and the families it keeps.
+
+    Routes run on the event loop; every ledger write goes to a thread, and the ledger says when
+    its totals changed through `changed`, which hands over to the loop."""
+
+    def __init__(self, context: StateContext):
+        try:
+            self.ledger = Ledger(context.storage_path)
+        except LedgerError as exc:
+            raise ProviderStateError(str(exc)) from None
+        self.ledger.on_change(context.changed)
+        self._ingest = Ingest(self.ledger, context.accounts)
+
+    def routes(self) -> list[Route]:
+        return self._ingest.routes()
+
+    def families(self) -> list[Family]:
+        return ledger_families(self.ledger.totals())
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def endpoints(account: Account, defaults: Defaults, state: Tracking | None) -> list[Endpoint]:
+    if state is None:
         return []
-    follower = Follower(account, services.ledger, canary_every=max(defaults.interval, 60.0))
+    follower = Follower(account, state.ledger, canary_every=max(defaults.interval, 60.0))
     return [
         Endpoint("report", account.interval or 5.0, account_wide, follower.cycle, cycle_families)
     ]
-
-
-def events(body: Any) -> list[WebhookEvent]:
-    """A webhook body: one event object, or a list of them."""
-    items = body if isinstance(body, list) else [body]
-    return [parse(WebhookEvent, item, f"event[{i}]") for i, item in enumerate(items)]
-
-
-def sent_at(event: WebhookEvent) -> float | None:
-    if event.status.lower() == "sent" and event.timestamp:
-        return event.timestamp / 1000
-    return None
 
 
 PROVIDER = Provider(
@@ -307,4 +261,5 @@ PROVIDER = Provider(
     headers=headers,
     endpoints=endpoints,
     provider_error=provider_error,
+    open_state=Tracking,
 )
