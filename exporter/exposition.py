@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import replace
 
-from exporter.metrics import Family, Labels, Sample
+from exporter.metrics import Family, Labels
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -92,11 +90,3 @@ def sample_lines(family: Family, prefix: Labels = ()) -> tuple[bytes, int]:
         braces = "{" + text + "}" if text else ""
         out.append(f"{family.name}{sample.suffix}{braces} {float_text(sample.value)}\n")
     return "".join(out).encode("utf-8", "replace"), dropped
-
-
-def created_lines(
-    family: Family, created: Iterable[tuple[Labels, float]], prefix: Labels = ()
-) -> bytes:
-    """OpenMetrics `_created` samples of a counter family: when each series started counting."""
-    samples = tuple(Sample(labels, at, "_created") for labels, at in created)
-    return sample_lines(replace(family, samples=samples), prefix)[0]

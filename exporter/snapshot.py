@@ -22,7 +22,6 @@ from exporter.exposition import (
     EOF,
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
-    created_lines,
     header,
     sample_lines,
     valid_name,
@@ -133,14 +132,15 @@ class _Block:
     """One metric family: its header and, per member (a target, an endpoint, an extra), the
     member's rendered sample lines. `order` is recomputed only when membership changes."""
 
-    __slots__ = ("created", "family", "members", "om_header", "order", "text_header")
+    __slots__ = ("family", "members", "om_header", "openmetrics", "order", "text_header")
 
     def __init__(self, family: Family):
         self.family = family
         self.text_header = header(family)
         self.om_header = header(family, openmetrics=True)
         self.members: dict[tuple[str, ...], bytes] = {}
-        self.created: dict[tuple[str, ...], bytes] = {}  # OpenMetrics only
+        # a member's lines where OpenMetrics differs (counters with `_created` after each series)
+        self.openmetrics: dict[tuple[str, ...], bytes] = {}
         self.order: list[tuple[str, ...]] | None = None
 
 
@@ -181,6 +181,7 @@ class Snapshot:
         self._clock = clock
         self._targets: dict[TargetKey, TargetState] = {}
         self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
+        self._created: dict[tuple[str, str, str], float] = {}  # when each endpoint's counting began
         self._blocks: dict[str, _Block] = {}
         self._names: list[str] | None = None  # sorted block names
         self._owned: dict[tuple[str, ...], set[str]] = {}  # member -> names of its blocks
@@ -202,6 +203,7 @@ class Snapshot:
         now = self._clock()
         for gone in set(self._errors) - wanted:
             del self._errors[gone]
+            self._created.pop(gone, None)
             self._put(("e", *gone), ())
         for new in sorted(wanted - set(self._errors)):
             self._errors[new] = _no_errors()
@@ -314,9 +316,13 @@ class Snapshot:
             text.append(block.text_header)
             text += lines
             openmetrics.append(block.om_header)
-            openmetrics += lines
-            if block.created:
-                openmetrics += [block.created[m] for m in block.order if m in block.created]
+            if block.openmetrics:
+                own = block.openmetrics
+                openmetrics += [
+                    own.get(m, line) for m, line in zip(block.order, lines, strict=True)
+                ]
+            else:
+                openmetrics += lines
         openmetrics.append(EOF)
         return Exposition(self.generation, text, openmetrics)
 
@@ -359,9 +365,18 @@ class Snapshot:
         )
         member = ("e", *endpoint)
         self._put(member, [replace(_ERRORS, samples=samples)])
-        if created is not None:
-            block = self._blocks[_ERRORS.name]
-            block.created[member] = created_lines(_ERRORS, [(s.labels, created) for s in samples])
+        if created is not None:  # OpenMetrics: each series' start right after it
+            interleaved = tuple(
+                x for s in samples for x in (s, Sample(s.labels, created, "_created"))
+            )
+            self._created[endpoint] = created
+        elif endpoint in self._created:
+            at = self._created[endpoint]
+            interleaved = tuple(x for s in samples for x in (s, Sample(s.labels, at, "_created")))
+        else:
+            return
+        block = self._blocks[_ERRORS.name]
+        block.openmetrics[member] = sample_lines(replace(_ERRORS, samples=interleaved))[0]
 
     def _put(
         self, member: tuple[str, ...], families: Iterable[Family], prefix: Labels = ()
@@ -394,7 +409,7 @@ class Snapshot:
         for name in self._owned.get(member, set()) - set(rendered):
             block = self._blocks[name]
             del block.members[member]
-            block.created.pop(member, None)
+            block.openmetrics.pop(member, None)
             block.order = None
             if not block.members:
                 del self._blocks[name]

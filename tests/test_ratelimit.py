@@ -143,3 +143,30 @@ def test_block_for_holds_every_request():
             return time.monotonic() - start
 
     assert asyncio.run(scenario()) >= 0.29
+
+
+def test_an_account_keeps_concurrency_requests_in_flight_never_more():
+    """8 devices whose balance answers take 0.5 s, 4 in flight: two waves of 4, not 8 in a row
+    (4 s) nor 8 at once."""
+    with WhatsGateSimulator(devices=8, auto=False, rate_limit=None) as sim:
+        sim.fail("balance", Fault.latency(0.5))
+        config = f"""
+whatsgate:
+  - account: acme
+    base_url: {sim.base_url}
+    token: demo-token
+    concurrency: 4
+    interval: 1h
+    balance: {{interval: 1h}}
+    failed_numbers: {{interval: 1h}}
+"""
+        with run_exporter(config) as running:
+            wait_for(
+                lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness"
+            )
+        arrivals = sorted(r.time for r in sim.requests if r.endpoint == "balance")
+    assert len(arrivals) == 8
+    first_wave, second_wave = arrivals[:4], arrivals[4:]
+    assert first_wave[-1] - first_wave[0] < 0.3  # sent together
+    assert second_wave[0] - first_wave[0] >= 0.45  # each waited for one of the first to answer
+    assert second_wave[-1] - first_wave[0] < 1.5  # not one after the other (that is 3.5 s)

@@ -1,0 +1,178 @@
+"""Our own text-format writer: every line round-trips through client_python's parsers (text 0.0.4
+and OpenMetrics) and promtool, whatever a provider put in a label value."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.exposition import MAX_LABEL_VALUE, float_text, safe_text
+from exporter.metrics import Family, Sample
+from exporter.snapshot import Snapshot, TargetKey, Variant
+from tests.conftest import require_tool
+
+HOSTILE = [
+    'quote " inside',
+    "back\\slash",
+    "new\nline",
+    "lone \ud800 surrogate",
+    "\udfff",
+    "emoji 📱 and ünïcödé",
+    "x" * 10_000,
+    "",
+    "tab\tand\rreturn",
+    '} {brace="',
+]
+
+
+def _snapshot_with(values: list[str]) -> Snapshot:
+    snapshot = Snapshot("test", clock=lambda: 1_700_000_000.0)
+    snapshot.configure(3, [("kaleyra", "main", "monitor_stats")])
+    for index, text in enumerate(values):
+        key = TargetKey("kaleyra", "main", "monitor_stats", f"+1202555010{index}")
+        families = [
+            Family(
+                "whatsapp_client_hostile",
+                "gauge",
+                'help with "quotes", \\ and\nnewline \ud800',
+                (Sample((("number", key.target), ("label", text)), float(index)),),
+            ),
+            Family(
+                "whatsapp_client_events",
+                "counter",
+                "a counter",
+                (Sample((("number", key.target),), 3.0, "_total"),),
+            ),
+        ]
+        snapshot.succeeded(key, 60, families, 0.1)
+    snapshot.publish()
+    return snapshot
+
+
+def test_hostile_label_values_round_trip_through_both_parsers():
+    snapshot = _snapshot_with(HOSTILE)
+    text = snapshot.exposition.body(Variant()).decode()
+    parsed = {
+        s.labels["number"]: s.labels["label"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "whatsapp_client_hostile"
+    }
+    assert len(parsed) == len(HOSTILE)
+    for index, original in enumerate(HOSTILE):
+        assert parsed[f"+1202555010{index}"] == safe_text(original)
+    assert parsed["+12025550103"] == "lone \ufffd surrogate"
+    assert len(parsed["+12025550106"]) == MAX_LABEL_VALUE
+    assert parsed["+12025550106"].endswith("…")
+
+    openmetrics = snapshot.exposition.body(Variant(openmetrics=True)).decode()
+    assert openmetrics.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(openmetrics)}
+    assert families["whatsapp_client_events"].type == "counter"
+    created = [
+        s for s in families["whatsapp_exporter_poll_errors"].samples if s.name.endswith("_created")
+    ]
+    assert created and all(s.value == 1_700_000_000.0 for s in created)
+
+
+def test_hostile_exposition_passes_promtool():
+    promtool = require_tool("promtool", "prometheus")
+    body = _snapshot_with(HOSTILE).exposition.body(Variant())
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unwritable_samples_are_dropped_and_counted_never_raised():
+    snapshot = Snapshot("test")
+    key = TargetKey("kaleyra", "main", "monitor_stats", "+12025550100")
+    families = [
+        Family("bad name!", "gauge", "x", (Sample((), 1.0),)),
+        Family("whatsapp_ok", "gauge", "x", (Sample((("bad-label", "v"),), 1.0),)),
+        Family("whatsapp_ok", "gauge", "x", (Sample((("provider", "twice"),), 1.0),)),
+        Family("whatsapp_ok", "gauge", "x", (Sample((("fine", "v"),), 2.0),)),
+    ]
+    snapshot.succeeded(key, 60, families, 0.1)
+    snapshot.publish()
+    text = snapshot.exposition.plain.decode()
+    assert 'whatsapp_ok{account="main",fine="v",provider="kaleyra"} 2.0' in text
+    assert "bad name" not in text and "bad-label" not in text and "twice" not in text
+    assert snapshot.dropped_samples == 2
+    list(text_string_to_metric_families(text))  # parses
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1.0, "1.0"),
+        (0.0, "0.0"),
+        (-2.5, "-2.5"),
+        (1.7e9, "1.7e+09"),
+        (123456.0, "123456.0"),
+        (1234567.0, "1.234567e+06"),
+        (math.inf, "+Inf"),
+        (-math.inf, "-Inf"),
+        (math.nan, "NaN"),
+        (1e-05, "1e-05"),
+    ],
+)
+def test_floats_are_written_as_go_writes_them(value, text):
+    assert float_text(value) == text
+
+
+def test_a_newer_generation_is_never_replaced_by_an_older_one():
+    snapshot = Snapshot("test")
+    first = snapshot.exposition
+    snapshot.configure(3, [("betatel", "eu", "stats")])
+    assert snapshot.publish()
+    second = snapshot.exposition
+    assert second.generation > first.generation
+    assert not snapshot.publish()  # nothing changed: the same object stays
+    assert snapshot.exposition is second
+
+
+def test_one_target_change_rewrites_only_that_targets_lines(monkeypatch):
+    from exporter import snapshot as snapshot_module  # noqa: PLC0415
+
+    snapshot = _snapshot_with([f"v{i}" for i in range(5)])
+    written = []
+    original = snapshot_module.sample_lines
+    monkeypatch.setattr(
+        snapshot_module,
+        "sample_lines",
+        lambda fam, prefix=(): written.append(fam.name) or original(fam, prefix),
+    )
+    key = TargetKey("kaleyra", "main", "monitor_stats", "+12025550102")
+    snapshot.succeeded(
+        key,
+        60,
+        [
+            Family(
+                "whatsapp_client_hostile", "gauge", "h", (Sample((("number", key.target),), 9.0),)
+            )
+        ],
+        0.1,
+    )
+    snapshot.publish()
+    # its one family, plus its own three health lines
+    assert sorted(written) == sorted(
+        [
+            "whatsapp_client_hostile",
+            "whatsapp_exporter_up",
+            "whatsapp_exporter_last_success_timestamp_seconds",
+            "whatsapp_exporter_poll_duration_seconds",
+        ]
+    )
+    text = snapshot.exposition.plain.decode()
+    assert (
+        'whatsapp_client_hostile{account="main",number="+12025550102",provider="kaleyra"} 9.0'
+        in text
+    )
+    assert text.count("whatsapp_client_events_total{") == 4  # the changed target dropped its own
