@@ -88,6 +88,30 @@ def parse_rate_limit(value: Any) -> Any:
 
 Rate = Annotated[RateLimit, BeforeValidator(parse_rate_limit), PlainSerializer(str)]
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1 << 10, "KiB": 1 << 10, "MB": 1 << 20, "MiB": 1 << 20}
+_SIZE_UNITS |= {"GB": 1 << 30, "GiB": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """`4MiB`, `512KB`, `16MB` or a number of bytes; KB/MB/GB are powers of 1024, as in
+    Prometheus' `body_size_limit`."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size like 4MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(f"{value!r} is not a size like 512KiB, 4MiB or 16MB")
+        size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
 
 def read_secret_file(path: Any) -> Any:
     """`*_file` keys hold a path; the model keeps the file's content, as a secret."""
@@ -162,6 +186,15 @@ class AccountBase(Strict):
     timeout: Duration | None = None
     rate_limit: Rate | None = None
     concurrency: int = Field(4, ge=1, le=64)  # requests in flight at once, within rate_limit
+    body_size_limit: ByteSize = 4 << 20  # an answer over this fails its poll as too_large
+
+    def secret_values(self) -> list[str]:
+        """Every secret of this account as text, to scrub from whatever a provider echoes."""
+        found: list[str] = []
+        for value in self.__dict__.values():
+            items = value.values() if isinstance(value, Mapping) else (value,)
+            found += [v.get_secret_value() for v in items if isinstance(v, SecretStr)]
+        return [v for v in found if v]
 
     @field_validator("account")
     @classmethod

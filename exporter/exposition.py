@@ -24,6 +24,7 @@ _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _OPENMETRICS_TYPES = {"untyped": "unknown"}
+_COUNTS = frozenset({"_count", "_bucket"})
 
 
 def float_text(value: float) -> str:
@@ -73,11 +74,16 @@ def header(family: Family, *, openmetrics: bool = False) -> bytes:
 def sample_lines(family: Family, prefix: Labels = ()) -> tuple[bytes, int]:
     """The family's samples with `prefix` labels added, sorted by label name as client_python
     writes them; a label set seen twice is written once. Returns the lines and how many samples
-    were dropped as unwritable."""
+    were dropped as unwritable: an invalid or repeated label name, or a count below zero (a
+    counter, a summary's or histogram's `_count` or `_bucket` can only grow from 0)."""
     out: list[str] = []
     seen: set[tuple[str, str]] = set()
     dropped = 0
+    counts = family.type == "counter"
     for sample in family.samples:
+        if sample.value < 0 and (counts or sample.suffix in _COUNTS):
+            dropped += 1
+            continue
         labels = sorted((*prefix, *sample.labels))
         names = [name for name, _ in labels]
         if len(set(names)) != len(names) or not all(map(_LABEL_NAME.match, names)):

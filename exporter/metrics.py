@@ -24,6 +24,8 @@ REASONS = (
     "http_5xx",
     "bad_response",
     "provider_error",
+    "too_large",  # the answer was over the account's body_size_limit
+    "storage",  # the exporter could not write its own state (D7's ledger): not the provider
 )
 
 

@@ -25,7 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter import __version__
 from exporter.config import AccountBase, Config
-from exporter.providers.base import Api, Endpoint, PollError, Provider
+from exporter.providers.base import Api, Endpoint, PollError, Provider, scrub
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
 
@@ -48,6 +48,7 @@ class Poller:
     job_ids: list[str] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     failing: dict[str, str] = field(default_factory=dict)  # target key -> reason, to log changes
+    secrets: list[str] = field(default_factory=list)  # scrubbed from every error shown or logged
 
     @property
     def name(self) -> tuple[str, str]:
@@ -141,13 +142,21 @@ class Scheduler:
             ),
         )
         budget = RequestBudget(rate.requests, rate.period)
-        api = Api(client, budget, provider.provider_error, account.concurrency)
+        api = Api(
+            client,
+            budget,
+            provider.provider_error,
+            account.concurrency,
+            deadline=timeout,
+            body_size_limit=account.body_size_limit,
+        )
         return Poller(
             provider,
             account,
             timeout,
             provider.endpoints(account, config.defaults, self.states.get(provider_name)),
             api,
+            secrets=account.secret_values(),
         )
 
     async def _start_poller(self, poller: Poller) -> None:
@@ -284,6 +293,7 @@ class Scheduler:
     def _failed(
         self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float
     ) -> None:
+        error = PollError(error.reason, scrub(error.detail, poller.secrets))
         self.snapshot.failed(key, endpoint.interval, error, took)
         # log when a target starts failing or fails differently, not on every poll of a dead one
         level = logging.WARNING if poller.failing.get(_tag(key)) != error.reason else logging.DEBUG

@@ -190,6 +190,7 @@ class Snapshot:
         self.generation = 0
         self._changed = asyncio.Event()
         self._put(("g", "build"), [_build_info(version)])
+        self._put(("g", "dropped"), [_samples_dropped(0)])
         self.reload_result(True)
         self.exposition = self._exposition()
 
@@ -396,7 +397,8 @@ class Snapshot:
                 )
                 continue
             lines, dropped = sample_lines(fam, prefix)
-            self.dropped_samples += dropped
+            if dropped:
+                self._dropped(fam, dropped)
             if not lines:
                 continue
             if block is None:
@@ -420,6 +422,13 @@ class Snapshot:
             self._owned.pop(member, None)
         self._touch()
 
+    def _dropped(self, fam: Family, count: int) -> None:
+        self.dropped_samples += count
+        self._clash(
+            fam, "dropping samples that cannot be exposed: a negative count, or a bad label name"
+        )
+        self._put(("g", "dropped"), [_samples_dropped(self.dropped_samples)])
+
     def _clash(self, fam: Family, message: str, first_type: str = "") -> None:
         if fam.name in self._clashes:
             return
@@ -433,6 +442,16 @@ class Snapshot:
 
 def _fields(key: TargetKey) -> tuple[str, str, str, str]:
     return key.provider, key.account, key.endpoint, key.target
+
+
+def _samples_dropped(count: int) -> Family:
+    return Family(
+        "whatsapp_exporter_samples_dropped",
+        "counter",
+        "Samples from providers that could not be exposed (a negative counter, an invalid or "
+        "repeated label name) and were left out; the log names the metric.",
+        (Sample((), float(count), "_total"),),
+    )
 
 
 def _build_info(version: str) -> Family:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ import httpx
 import pydantic
 
 from exporter.config import AccountBase, Defaults, RateLimit
+from exporter.exposition import safe_text
 from exporter.metrics import REASONS, Family
 from exporter.ratelimit import RequestBudget
 from exporter.routing import Route
@@ -32,11 +34,32 @@ POLLED = "Polled in the background; up to one poll interval old."
 class PollError(Exception):
     """A target's poll failed for a known reason; `detail` is safe to log (no secret, no PII)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, body: Any = None):
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.body = body  # the provider's parsed error answer, for a provider to look into
+
+
+_TOKENISH = re.compile(
+    r"(?i)\b(bearer|basic|token|api[-_ ]?key|access[-_ ]?token|secret|password|authorization)"
+    r"(\s*[:=]\s*|\s+)([\"']?)(?:(?:bearer|basic|token)\s+)?([^\s\"',;}]+)"
+)
+_JWT = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
+MAX_DETAIL = 300
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """What a provider said, safe to log and show: the account's secrets and anything that looks
+    like a credential replaced, valid UTF-8, at most MAX_DETAIL characters. Providers echo
+    credentials in their errors (`invalid Access-Token: abc...`)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "<secret>")
+    text = _JWT.sub("<redacted>", text)
+    text = _TOKENISH.sub(lambda m: f"{m[1]}{m[2]}{m[3]}<redacted>", text)
+    return safe_text(text, MAX_DETAIL)
 
 
 def shape_error(exc: pydantic.ValidationError, what: str) -> PollError:
@@ -63,6 +86,8 @@ def parse(model: Any, data: Any, what: str) -> Any:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 MAX_RETRY_AFTER = 900.0
+PARSE_IN_THREAD = 1 << 20  # bytes: a bigger JSON answer is parsed off the event loop
+MAX_DEPTH = 64  # JSON nesting deeper than any provider's documented answer is refused
 
 
 def _retry_after(value: str | None, default: float) -> float:
@@ -78,16 +103,47 @@ def _retry_after(value: str | None, default: float) -> float:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _snippet(response: httpx.Response) -> str:
-    kind = response.headers.get("content-type", "").split(";")[0] or "no content type"
-    text = " ".join(response.text[:120].split())
-    return (
-        f"HTTP {response.status_code} ({kind}): {text}" if text else f"HTTP {response.status_code}"
-    )
+@dataclass(frozen=True)
+class Answered:
+    """A whole answer, read within the deadline and the byte cap."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+    def snippet(self) -> str:
+        kind = self.headers.get("content-type", "").split(";")[0] or "no content type"
+        text = " ".join(self.content[:240].decode("utf-8", "replace")[:120].split())
+        return f"HTTP {self.status} ({kind}): {text}" if text else f"HTTP {self.status}"
+
+
+def json_depth(content: bytes | str) -> int:
+    """How deeply brackets nest, strings skipped: checked before json.loads, whose recursion a
+    hostile answer could otherwise exhaust."""
+    text = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+    depth = deepest = 0
+    for token in _BRACKETS.findall(text):
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def load_json(content: bytes) -> Any:
+    """json.loads, refusing deep nesting; raises ValueError for anything that is no JSON."""
+    if json_depth(content) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return json.loads(content)
 
 
 class Api:
-    """One account's client: a shared connection pool, its request budget, errors as PollError.
+    """One account's client: its connection pool, request budget and gate; every answer read
+    within one deadline (connect and every read) and a byte cap; errors as PollError.
 
     `provider_error` recognises the provider's own error body and returns its message (or None).
     """
@@ -98,6 +154,9 @@ class Api:
         budget: RequestBudget,
         provider_error: Callable[[Any], str | None],
         concurrency: int = 1,
+        *,
+        deadline: float = 10.0,
+        body_size_limit: int = 4 << 20,
     ):
         self.client = client
         self.budget = budget
@@ -105,6 +164,8 @@ class Api:
         # requests in flight for this account, whichever endpoint sends them; taken before a
         # budget slot, so a request waiting here holds no place in the budget
         self.gate = asyncio.Semaphore(concurrency)
+        self.deadline = deadline
+        self.body_size_limit = body_size_limit
 
     async def call(
         self,
@@ -116,47 +177,74 @@ class Api:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         async with self.gate, self.budget.slot():
+            request = self.client.build_request(
+                method, path, params=params, json=json_body, headers=headers
+            )
             try:
-                response = await self.client.request(
-                    method, path, params=params, json=json_body, headers=headers
-                )
-            except httpx.TimeoutException:
-                raise PollError("timeout", f"no answer within {self._timeout()}") from None
+                async with asyncio.timeout(self.deadline):
+                    answered = await self._read(request)
+            except (TimeoutError, httpx.TimeoutException):
+                raise PollError(
+                    "timeout", f"no complete answer within {self.deadline:g}s"
+                ) from None
             except httpx.TransportError as exc:
                 raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
-        return self._interpret(response)
+        return await self._interpret(answered)
 
-    def _timeout(self) -> str:
-        timeout = self.client.timeout.read
-        return f"{timeout:g}s" if timeout else "the timeout"
-
-    def _interpret(self, response: httpx.Response) -> Any:
-        status = response.status_code
+    async def _read(self, request: httpx.Request) -> Answered:
+        limit = self.body_size_limit
+        response = await self.client.send(request, stream=True)
         try:
-            body = json.loads(response.content) if response.content else None
-        except ValueError:
-            body = _NOT_JSON
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _too_large(response.status_code, limit, f"declares {int(declared)} bytes")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():  # decoded: a gzip bomb counts in full
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(response.status_code, limit, "runs past that")
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return Answered(response.status_code, response.headers, b"".join(chunks))
+
+    async def _interpret(self, answered: Answered) -> Any:
+        status, content = answered.status, answered.content
+        body: Any = None
+        if content:
+            try:
+                if len(content) > PARSE_IN_THREAD:
+                    body = await asyncio.to_thread(load_json, content)
+                else:
+                    body = load_json(content)
+            except (ValueError, RecursionError):
+                body = _NOT_JSON
         message = self._provider_error(body) if body is not _NOT_JSON else None
-        detail = message or _snippet(response)
+        detail = message or answered.snippet()
+        error = body if body is not _NOT_JSON else None
         if status in (401, 403):
-            raise PollError("auth", f"HTTP {status}: {detail}")
+            raise PollError("auth", f"HTTP {status}: {detail}", error)
         if status == 429:
-            wait = _retry_after(response.headers.get("retry-after"), self.budget.period)
+            wait = _retry_after(answered.headers.get("retry-after"), self.budget.period)
             self.budget.block_for(wait)
             raise PollError("rate_limited", f"HTTP 429, waiting {wait:g}s before the next request")
         if status == 404:
-            raise PollError("not_found", f"HTTP 404: {detail}")
+            raise PollError("not_found", f"HTTP 404: {detail}", error)
         if status >= 500:  # the provider's server broke, whatever its body says
             raise PollError("http_5xx", detail if not message else f"HTTP {status}: {message}")
         if status >= 300 or status < 200:
             if message:
-                raise PollError("provider_error", f"HTTP {status}: {message}")
-            raise PollError("http_4xx", detail)
+                raise PollError("provider_error", f"HTTP {status}: {message}", error)
+            raise PollError("http_4xx", detail, error)
         if body is _NOT_JSON:
-            raise PollError("bad_response", f"the answer is not JSON: {_snippet(response)}")
+            raise PollError("bad_response", f"the answer is not JSON: {answered.snippet()}")
         if message:
-            raise PollError("provider_error", message)
+            raise PollError("provider_error", message, error)
         return body
+
+
+def _too_large(status: int, limit: int, how: str) -> PollError:
+    return PollError("too_large", f"HTTP {status}: the answer {how}; body_size_limit is {limit} B")
 
 
 _NOT_JSON = object()

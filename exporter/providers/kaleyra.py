@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from pydantic import AfterValidator, BeforeValidator, SecretStr, field_validator, model_validator
 
-from exporter.config import AccountBase, Defaults, RateLimit, read_secret_file
+from exporter.config import AccountBase, ByteSize, Defaults, RateLimit, read_secret_file
 from exporter.metrics import Family, Labels, Sample
 from exporter.providers.base import (
     POLLED,
@@ -111,6 +111,7 @@ class Account(AccountBase):
     headers: dict[str, _HeaderValue] = {}
     header_files: dict[str, _HeaderFile] = {}
     stats_path: str = "/v1/wamonitor/stats/{number}"
+    body_size_limit: ByteSize = 16 << 20  # a multi-node client's stats run to megabytes
 
     @field_validator("numbers")
     @classmethod
@@ -218,11 +219,14 @@ def _object(value: Any, path: list[str]) -> Mapping[str, Any]:
 
 
 def monitor_stats(body: Any) -> MonitorStats:
-    """`data.stats` of the answer, with or without Kaleyra's `RESPONSE` wrapper."""
+    """`data.stats` of Kaleyra's answer, with or without its `RESPONSE` wrapper, or `stats` at the
+    top level as Meta's WhatsApp Business API client answers itself (`{"meta": ..., "stats":
+    ...}`), so a client that is not behind Kaleyra reads the same."""
     answer, path = body, []
     if isinstance(answer, Mapping) and "RESPONSE" in answer:
         answer, path = answer["RESPONSE"], ["RESPONSE"]
-    for key in ("data", "stats"):
+    keys = ("stats",) if isinstance(answer, Mapping) and "stats" in answer else ("data", "stats")
+    for key in keys:
         if key not in _object(answer, path):
             where = ".".join(path) or "(top level)"
             raise PollError("bad_response", f"monitor stats: {where}: no {key!r}")
@@ -231,7 +235,7 @@ def monitor_stats(body: Any) -> MonitorStats:
     try:
         return MonitorStats(_freeze(_object(answer, path)))
     except RecursionError:
-        raise PollError("bad_response", "monitor stats: data.stats: nested too deeply") from None
+        raise PollError("bad_response", "monitor stats: stats: nested too deeply") from None
 
 
 async def fetch(account: Account, api: Api, number: str) -> MonitorStats:

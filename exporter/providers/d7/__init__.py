@@ -13,11 +13,13 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from exporter.config import Defaults, RateLimit
+from exporter.exposition import safe_text
 from exporter.metrics import Family, Sample
 from exporter.providers.base import (
     Answer,
@@ -29,6 +31,7 @@ from exporter.providers.base import (
     StateContext,
     account_wide,
     parse,
+    scrub,
 )
 from exporter.providers.d7.account import Account
 from exporter.providers.d7.ingest import Ingest
@@ -44,6 +47,7 @@ from exporter.routing import Route
 log = logging.getLogger(__name__)
 
 CANARY_ID = "00000000-0000-4000-8000-000000000000"
+NOT_INDEXED = "WHATSAPP_LOG_NOT_EXISTS"
 ACCOUNT_LEVEL = frozenset({"auth", "timeout", "connect", "http_5xx", "rate_limited"})
 
 
@@ -87,7 +91,7 @@ def report_updates(body: Any) -> list[MessageUpdate]:
     report = parse(_Report, body, "report")
     return [
         MessageUpdate(
-            msg_id=m.msg_id or f"#{index}",
+            msg_id=safe_text(m.msg_id or f"#{index}", 128),  # stored: valid UTF-8, bounded
             status=m.status,
             conversation_type=m.conversation_type or "",
             message_type=m.message_type or "",
@@ -105,14 +109,37 @@ class Cycle:
     pending: int
 
 
+def not_indexed(error: PollError) -> bool:
+    """D7's own answer for an id it does not know (yet). Any other 404, such as a missing route's
+    `{"detail": "Not Found"}` after a wrong report_path, is a failure of the account."""
+    body = error.body
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return (
+        error.reason == "not_found"
+        and isinstance(detail, dict)
+        and detail.get("code") == NOT_INDEXED
+    )
+
+
+class _BadReport(Exception):
+    """One id's report was malformed: that id is retried later, the cycle goes on."""
+
+
 class Follower:
     """One account's poll cycle; keeps only when it last proved the token on an idle cycle."""
 
-    def __init__(self, account: Account, ledger: Ledger, canary_every: float):
+    def __init__(
+        self,
+        account: Account,
+        ledger: Ledger,
+        canary_every: float,
+        problem: Callable[[str, str, int], None] = lambda *_: None,
+    ):
         self.account = account
         self.ledger = ledger
         self.schedule = account.schedule()
         self.canary_every = canary_every
+        self._problem = problem
         self._last_canary = -math.inf
 
     def path(self, request_id: str) -> str:
@@ -123,48 +150,72 @@ class Follower:
         per_cycle = max(
             1, math.ceil(api.budget.requests * (self.account.interval or 5.0) / api.budget.period)
         )
-        due = await asyncio.to_thread(self.ledger.due, name, per_cycle)
+        due = await self._ledger(self.ledger.due, name, per_cycle)
         if not due:
-            await asyncio.to_thread(self.ledger.expire_old, name, self.schedule)
+            await self._ledger(self.ledger.expire_old, name, self.schedule)
             await self._canary(api)
             return Cycle(0, self.ledger.pending_count(name))
 
         async def one(item):  # at most `concurrency` in flight: Api.call holds the account's gate
             try:
-                return (
-                    item,
-                    report_updates(await api.call("GET", self.path(item.request_id))),
-                    None,
-                )
+                body = await api.call("GET", self.path(item.request_id))
             except PollError as error:
-                if error.reason == "not_found":
+                if not_indexed(error):
                     return item, None, "not_found"
                 if error.reason in ("provider_error", "http_4xx"):
                     log.info(
                         "D7 refuses a request id; expiring it",
-                        extra={"fields": {"account": name, "error": error.detail}},
+                        extra={"fields": {"account": name, "error": self._scrub(error.detail)}},
                     )
                     return item, None, "gone"
                 return item, None, error
+            try:
+                return item, report_updates(body), None
+            except PollError as error:
+                return item, None, _BadReport(error)
 
         outcomes = await asyncio.gather(*(one(item) for item in due))
         errors = [problem for _, _, problem in outcomes if isinstance(problem, PollError)]
-        answers = [(d, u, "retry" if isinstance(p, PollError) else p) for d, u, p in outcomes]
-        await asyncio.to_thread(self.ledger.record, name, answers, self.schedule)
+        bad = [problem for _, _, problem in outcomes if isinstance(problem, _BadReport)]
+        answers = [
+            (d, u, "retry" if isinstance(p, PollError | _BadReport) else p) for d, u, p in outcomes
+        ]
+        await self._ledger(self.ledger.record, name, answers, self.schedule)
+        if bad:
+            self._problem(name, "bad_report", len(bad))
         if errors:
             raise errors[0]
+        if bad and len(bad) == len(due):  # nothing usable came back: the cycle failed
+            raise bad[0].args[0]
         return Cycle(len(due), self.ledger.pending_count(name))
 
+    async def _ledger(self, write: Callable[..., Any], *args: Any) -> Any:
+        """A ledger call in a thread; its failure is the exporter's disk, not D7."""
+        try:
+            return await asyncio.to_thread(write, *args)
+        except LedgerError as exc:
+            raise PollError("storage", f"the D7 ledger cannot be used: {exc}") from None
+
     async def _canary(self, api: Api) -> None:
+        """Proves the token and the report path: only D7's documented 404 for an unknown id
+        counts. A failed canary is asked again on the next cycle, so `up` does not flicker."""
         now = time.monotonic()
         if now - self._last_canary < self.canary_every:
             return
         try:
             await api.call("GET", self.path(CANARY_ID))
         except PollError as error:
-            if error.reason != "not_found":
+            if not not_indexed(error):
                 raise
+        else:
+            raise PollError(
+                "bad_response",
+                f"a report came back for an id that cannot exist; expected 404 {NOT_INDEXED}",
+            )
         self._last_canary = now
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self.account.secret_values())
 
 
 def cycle_families(target: str, result: Cycle) -> list[Family]:
@@ -233,13 +284,32 @@ class Tracking:
         except LedgerError as exc:
             raise ProviderStateError(str(exc)) from None
         self.ledger.on_change(context.changed)
-        self._ingest = Ingest(self.ledger, context.accounts)
+        self._changed = context.changed
+        # what could not be used, by (account, problem): counted on the loop, kept in memory
+        self.problems: dict[tuple[str, str], int] = {}
+        self._ingest = Ingest(self.ledger, context.accounts, self.problem)
+
+    def problem(self, account: str, problem: str, count: int = 1) -> None:
+        key = (account, problem)
+        self.problems[key] = self.problems.get(key, 0) + count
+        self._changed()
 
     def routes(self) -> list[Route]:
         return self._ingest.routes()
 
     def families(self) -> list[Family]:
-        return ledger_families(self.ledger.totals())
+        problems = Family(
+            "whatsapp_tracking_problems",
+            "counter",
+            "D7 reports and webhook events the exporter could not use: bad_report (one id's "
+            "report was malformed; the id is asked again later), bad_timestamp (an event's time "
+            "was before 2015 or in the future, and was ignored).",
+            tuple(
+                Sample((("provider", "d7"), ("account", a), ("problem", p)), float(n), "_total")
+                for (a, p), n in sorted(self.problems.items())
+            ),
+        )
+        return [*ledger_families(self.ledger.totals()), problems]
 
     def close(self) -> None:
         self.ledger.close()
@@ -248,7 +318,9 @@ class Tracking:
 def endpoints(account: Account, defaults: Defaults, state: Tracking | None) -> list[Endpoint]:
     if state is None:
         return []
-    follower = Follower(account, state.ledger, canary_every=max(defaults.interval, 60.0))
+    follower = Follower(
+        account, state.ledger, canary_every=max(defaults.interval, 60.0), problem=state.problem
+    )
     return [
         Endpoint("report", account.interval or 5.0, account_wide, follower.cycle, cycle_families)
     ]

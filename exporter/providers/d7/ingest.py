@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import pydantic
 from pydantic import Field, StringConstraints, field_validator
 
-from exporter.providers.base import Answer, PollError, parse
+from exporter.exposition import safe_text
+from exporter.providers.base import Answer, PollError, load_json, parse
 from exporter.providers.d7.account import Account
 from exporter.providers.d7.ledger import Ledger, LedgerError, MessageUpdate
 from exporter.routing import Request, Response, Route, json_response
@@ -28,6 +29,8 @@ MAX_IDS = 1000
 MAX_BODY = 256 * 1024
 REQUESTS_PATH = "/api/v1/requests"
 WEBHOOK_PREFIX = "/webhooks/d7/"
+
+EARLIEST = 1_420_070_400.0  # 2015-01-01: no WhatsApp Business message is older
 
 RequestId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -49,14 +52,26 @@ class WebhookEvent(Answer):
     def _timestamp(cls, value: Any) -> Any:
         return None if value in ("", None) else value
 
+    @property
+    def at(self) -> float | None:
+        """When it happened, if D7 said so believably: a timestamp before 2015 or more than a day
+        ahead (`1e400` is +Inf) would poison the delivery histogram for good."""
+        seconds = self.timestamp / 1000 if self.timestamp is not None else None
+        if seconds is None or not EARLIEST <= seconds <= time.time() + 86400:
+            return None
+        return seconds
+
+    @property
+    def bad_timestamp(self) -> bool:
+        return self.timestamp is not None and self.at is None
+
     def update(self) -> MessageUpdate:
-        at = self.timestamp / 1000 if self.timestamp and self.timestamp > 0 else None
         return MessageUpdate(
-            msg_id=self.msg_id or "#0",
+            msg_id=safe_text(self.msg_id or "#0", 128),
             status=self.status,
             conversation_type=self.conversation_type or "",
             message_type=self.message_type or "",
-            at=at,
+            at=self.at,
         )
 
 
@@ -67,9 +82,7 @@ def events(body: Any) -> list[WebhookEvent]:
 
 
 def sent_at(event: WebhookEvent) -> float | None:
-    if event.status.lower() == "sent" and event.timestamp:
-        return event.timestamp / 1000
-    return None
+    return event.at if event.status.lower() == "sent" else None
 
 
 class _Handover(pydantic.BaseModel):
@@ -79,9 +92,15 @@ class _Handover(pydantic.BaseModel):
 
 
 class Ingest:
-    def __init__(self, ledger: Ledger, accounts: Callable[[], Mapping[str, Account]]):
+    def __init__(
+        self,
+        ledger: Ledger,
+        accounts: Callable[[], Mapping[str, Account]],
+        problem: Callable[[str, str, int], None],
+    ):
         self._ledger = ledger
         self._accounts = accounts  # the running config's D7 accounts, by name
+        self._problem = problem  # counts what could not be used: (account, problem, how many)
 
     def routes(self) -> list[Route]:
         return [
@@ -135,7 +154,10 @@ class Ingest:
             received = events(body)
         except PollError as exc:  # the shape check D7's answers get, reused for its webhooks
             return _error(422, exc.detail)
-        batch = [(e.request_id, e.update(), sent_at(e)) for e in received]
+        batch = [(safe_text(e.request_id, 128), e.update(), sent_at(e)) for e in received]
+        ignored = sum(e.bad_timestamp for e in received)
+        if ignored:
+            self._problem(account.account, "bad_timestamp", ignored)
         try:
             await asyncio.to_thread(self._ledger.report, account.account, batch, account.schedule())
         except LedgerError as exc:
@@ -169,8 +191,8 @@ def _json(body: bytes) -> Any:
     if len(body) > MAX_BODY:
         return _error(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY}")
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return load_json(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return _error(400, f"the body is not JSON: {exc}")
 
 
