@@ -23,8 +23,10 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 # ---- runtime: the wheels installed into a clean base, no compiler, no caches -----------------
 FROM python:3.11.13-slim-bookworm
 
-# the release's version and repository (a release build passes both as --build-arg)
+# the release's version, revision and repository (a release build passes them as --build-arg;
+# the revision shows in --version and whatsapp_exporter_build_info)
 ARG VERSION=0.1.0
+ARG REVISION=unknown
 ARG SOURCE_URL=https://github.com/whatsapp-delivery-exporter/whatsapp-delivery-exporter
 LABEL org.opencontainers.image.title="whatsapp-exporter" \
       org.opencontainers.image.description="Prometheus exporter for WhatsApp gateway providers: WhatsGate, Betatel, D7 Networks, Kaleyra" \
@@ -34,6 +36,7 @@ LABEL org.opencontainers.image.title="whatsapp-exporter" \
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    WHATSAPP_EXPORTER_REVISION=${REVISION} \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
@@ -51,7 +54,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # every key explained; mount the real config (read-only) at /etc/whatsapp-exporter/config.yaml
 COPY config.example.yaml /etc/whatsapp-exporter/config.example.yaml
 
-# the D7 ledger (SQLite, WAL): keep it on a volume so tracked ids and counters survive restarts
+# the exporter's state (the D7 ledger, SQLite, WAL, as d7.db): keep it on a volume so tracked ids
+# and counters survive restarts
 VOLUME ["/var/lib/whatsapp-exporter"]
 WORKDIR /var/lib/whatsapp-exporter
 USER 10467:10467
@@ -63,4 +67,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
   CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:10467/-/healthy', timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["whatsapp-exporter"]
-CMD ["--config.file=/etc/whatsapp-exporter/config.yaml", "--storage.path=/var/lib/whatsapp-exporter/ledger.db"]
+CMD ["--config.file=/etc/whatsapp-exporter/config.yaml", "--storage.path=/var/lib/whatsapp-exporter"]

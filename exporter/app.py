@@ -15,16 +15,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
-from exporter import __version__
+from prometheus_client import ProcessCollector
+
+from exporter import build as builds
 from exporter.config import Config, ConfigError
+from exporter.metrics import Family, Sample
 from exporter.providers import PROVIDERS
 from exporter.providers.base import Provider, ProviderState, ProviderStateError, StateContext
 from exporter.routing import Route
 from exporter.scheduler import Scheduler
 from exporter.snapshot import Snapshot
-from exporter.web import WebServer
+from exporter.web import Security, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 # of polls is published a handful of times, and publishing never takes more than ~5% of a core.
 PUBLISH_COST_FACTOR = 20
 PUBLISH_DELAY = (0.05, 1.0)
+# The exporter's own metrics (HTTP requests, process) change on every scrape; they are refreshed
+# this often rather than on each, so a scrape never makes the next scrape join a new exposition.
+SELF_EVERY = 10.0
+DEFAULT_STORAGE = "data"
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None], listen_address: str) -> int:
@@ -60,21 +68,34 @@ class Exporter:
         load: Callable[[], Config],
         listen_address: str,
         *,
-        storage_path: str = "whatsapp-exporter.db",
+        storage_path: str = DEFAULT_STORAGE,
         strict: bool = False,
         providers: Mapping[str, Provider] = PROVIDERS,
+        lifecycle: bool = False,
+        ingest_address: str | None = None,
+        security: Callable[[], Security] | None = None,
+        tls: Callable[[], Any] | None = None,
+        build: builds.Build | None = None,
     ):
         self._load = load
         self._listen = listen_address
         self._storage_path = storage_path
         self._strict = strict
         self._providers = providers
+        self._lifecycle = lifecycle
+        self._ingest_address = ingest_address
+        self._security = security
+        self._tls = tls
+        self.build = build or builds.current()
         self._config: Config | None = None
         self.states: dict[str, ProviderState] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
-        self.snapshot = Snapshot(__version__)
+        self.snapshot = Snapshot(self.build.version, build_labels=self.build.labels())
+        self._publish_cost = 0.0
+        self._publications = 0
+        self._ready_generation: int | None = None
         self.scheduler: Scheduler | None = None
         self.web: WebServer | None = None
         self.started = threading.Event()  # for whoever runs this in a thread (tests, the demo)
@@ -97,11 +118,16 @@ class Exporter:
         self.web = WebServer(
             self._listen,
             self.snapshot,
-            ready=lambda: self.scheduler is not None and self.scheduler.ready,
+            ready=self._ready,
             reload=self.reload,
             routes=self._routes,
+            lifecycle=self._lifecycle,
+            ingest_address=self._ingest_address,
+            **({"security": self._security} if self._security else {}),
+            **({"tls": self._tls} if self._tls else {}),
         )
         publisher = asyncio.create_task(self._publish_forever())
+        own = asyncio.create_task(self._own_metrics_forever())
         try:
             await self.scheduler.apply(config)
             await self.web.start()
@@ -109,20 +135,39 @@ class Exporter:
             log.info(
                 "listening",
                 extra={
-                    "fields": {"address": self._listen, "port": self.port, "version": __version__}
+                    "fields": {
+                        "address": self._listen,
+                        "port": self.port,
+                        **(
+                            {"ingest_port": self.web.port_of("ingest")}
+                            if self._ingest_address
+                            else {}
+                        ),
+                        "version": self.build.version,
+                        "revision": self.build.revision,
+                    }
                 },
             )
             self.started.set()
             await self._stop.wait()
         finally:
             log.info("shutting down")
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            for task in (publisher, own):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.web.stop()
             await self.scheduler.close()
             for state in self.states.values():
                 state.close()
+
+    def _ready(self) -> bool:
+        """Once the first round is over and published: a scrape right after a 200 sees it."""
+        if self._ready_generation is None:
+            if self.scheduler is None or not self.scheduler.ready:
+                return False
+            self._ready_generation = self.snapshot.generation
+        return self.snapshot.exposition.generation >= self._ready_generation
 
     def stop(self) -> None:
         """Thread-safe: end run()."""
@@ -151,11 +196,19 @@ class Exporter:
     # --- provider states ---
 
     def _open_states(self) -> None:
+        storage = Path(self._storage_path)
+        legacy = storage.suffix == ".db" or storage.is_file()
+        if legacy:
+            log.warning(
+                "--storage.path names a file; it now names a directory (default data/), which "
+                "holds each provider's state file. The file keeps being used for now.",
+                extra={"fields": {"path": str(storage)}},
+            )
         for name, provider in self._providers.items():
             if provider.open_state is None:
                 continue
             context = StateContext(
-                storage_path=self._storage_path,
+                storage_path=str(storage if legacy else storage / f"{name}.db"),
                 accounts=lambda name=name: self._accounts(name),
                 changed=lambda name=name: self._state_changed_from_any_thread(name),
             )
@@ -189,8 +242,49 @@ class Exporter:
             await self.snapshot.changed()
             started = time.perf_counter()
             self.snapshot.publish()
-            cost = time.perf_counter() - started
-            await asyncio.sleep(min(high, max(low, PUBLISH_COST_FACTOR * cost)))
+            self._publish_cost = time.perf_counter() - started
+            self._publications += 1
+            await asyncio.sleep(min(high, max(low, PUBLISH_COST_FACTOR * self._publish_cost)))
+
+    async def _own_metrics_forever(self) -> None:
+        process = ProcessCollector(registry=None)
+        while True:
+            self.snapshot.set_extra("~exporter", self._own_families(process))
+            await asyncio.sleep(SELF_EVERY)
+
+    def _own_families(self, process: ProcessCollector) -> list[Family]:
+        assert self.web is not None
+        requests = tuple(
+            Sample((("handler", handler), ("code", code)), float(count), "_total")
+            for (handler, code), count in sorted(self.web.requests.items())
+        )
+        return [
+            Family(
+                "whatsapp_exporter_http_requests",
+                "counter",
+                f"HTTP requests served, by handler and status code (every {SELF_EVERY:g}s).",
+                requests,
+            ),
+            Family(
+                "whatsapp_exporter_publish_duration_seconds",
+                "gauge",
+                "Event-loop time the newest publication of /metrics took (lining up the lines).",
+                (Sample((), self._publish_cost),),
+            ),
+            Family(
+                "whatsapp_exporter_publications",
+                "counter",
+                "Publications of /metrics: coalesced, so far fewer than polls.",
+                (Sample((), float(self._publications), "_total"),),
+            ),
+            Family(
+                "whatsapp_exporter_exposition_bytes",
+                "gauge",
+                "Size of the newest uncompressed /metrics body served.",
+                (Sample((), float(self.web.exposition_bytes)),),
+            ),
+            *(_family(metric) for metric in process.collect()),
+        ]
 
     def _handle_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -199,6 +293,19 @@ class Exporter:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         self._loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+
+def _family(metric: Any) -> Family:
+    """A client_python collector's metric (public attributes only) as our own type."""
+    return Family(
+        metric.name,
+        metric.type,
+        metric.documentation,
+        tuple(
+            Sample(tuple(s.labels.items()), float(s.value), s.name[len(metric.name) :])
+            for s in metric.samples
+        ),
+    )
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

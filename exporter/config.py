@@ -383,6 +383,9 @@ def parse_config(
         found += _raw_secret_problems(data, account_models)
     if config is not None:
         found += _duplicate_accounts(config)
+        if not config.accounts():  # it would start, poll nothing and never be ready
+            names = ", ".join(account_models)
+            found.append(((), f"no accounts configured: add at least one under {names}"))
     errors += [f"{format_path(loc)}: {message}" for loc, message in found]
     if errors:
         raise ConfigError(sorted(dict.fromkeys(errors), key=_natural))

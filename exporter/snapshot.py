@@ -14,7 +14,7 @@ import asyncio
 import gzip
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -174,7 +174,12 @@ def _no_errors() -> dict[str, int]:
 
 class Snapshot:
     def __init__(
-        self, version: str, *, stale_after: int = 3, clock: Callable[[], float] = time.time
+        self,
+        version: str,
+        *,
+        stale_after: int = 3,
+        clock: Callable[[], float] = time.time,
+        build_labels: Mapping[str, str] | None = None,
     ):
         self._version = version
         self._stale_after = stale_after
@@ -189,7 +194,7 @@ class Snapshot:
         self.dropped_samples = 0
         self.generation = 0
         self._changed = asyncio.Event()
-        self._put(("g", "build"), [_build_info(version)])
+        self._put(("g", "build"), [_build_info(version, build_labels or {})])
         self._put(("g", "dropped"), [_samples_dropped(0)])
         self.reload_result(True)
         self.exposition = self._exposition()
@@ -454,10 +459,10 @@ def _samples_dropped(count: int) -> Family:
     )
 
 
-def _build_info(version: str) -> Family:
+def _build_info(version: str, labels: Mapping[str, str]) -> Family:
     return Family(
         "whatsapp_exporter_build_info",
         "gauge",
         "Version of the exporter, always 1.",
-        (Sample((("version", version),), 1.0),),
+        (Sample((("version", version), *labels.items()), 1.0),),
     )

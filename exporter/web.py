@@ -4,6 +4,12 @@ aiohttp on the exporter's own event loop, so the web side reads the snapshot whe
 and no thread ever touches exporter state. /metrics hands out bytes that are already joined: a
 variant (format, gzip) is made once per published exposition, and a gzip scrape that arrives
 while the newest one is still being compressed gets the previous one rather than waiting.
+
+Two listeners at most: the main one serves everything, behind the web config's TLS and basic
+auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
+which carry their own tokens, so the port that faces the internet exposes nothing else. Each
+connection must send its request headers within HEADER_TIMEOUT (and is closed after as long idle),
+a body within BODY_TIMEOUT, and at most MAX_CONNECTIONS are open per listener.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import html
 import logging
 import re
 import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
@@ -29,22 +37,45 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 10467
 MAX_BODY = 1 << 20
 BACKLOG = 1024
+MAX_CONNECTIONS = 1024  # per listener; one more is closed at once
+HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
+BODY_TIMEOUT = 10.0  # seconds to send a declared body
 
 
 class ListenAddressError(ValueError):
     pass
 
 
-def parse_listen_address(value: str) -> tuple[str, int, socket.AddressFamily]:
-    """`:10467`, `0.0.0.0:10467`, `127.0.0.1:0`, `[::]:10467`, `localhost:10467`."""
+def parse_listen_address(
+    value: str, flag: str = "--web.listen-address"
+) -> tuple[str | None, int, socket.AddressFamily]:
+    """`:10467` (every address, IPv6 and IPv4 where the host has both), `0.0.0.0:10467`,
+    `127.0.0.1:0`, `[::]:10467`, `localhost:10467`. A host of None means every address."""
     match = re.fullmatch(r"(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]*)):(\d{1,5})", value.strip())
     if not match or int(match[3]) > 65535:
-        raise ListenAddressError(
-            f"--web.listen-address {value!r}: expected host:port, :port or [ipv6]:port"
-        )
+        raise ListenAddressError(f"{flag} {value!r}: expected host:port, :port or [ipv6]:port")
     if match[1] is not None:
         return match[1], int(match[3]), socket.AF_INET6
-    return match[2] or "0.0.0.0", int(match[3]), socket.AF_INET
+    if not match[2]:
+        dual = socket.has_dualstack_ipv6()
+        return None, int(match[3]), socket.AF_INET6 if dual else socket.AF_INET
+    return match[2], int(match[3]), socket.AF_INET
+
+
+def listen(address: str) -> socket.socket:
+    host, port, family = parse_listen_address(address)
+    if host is None:
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        sock = socket.create_server(
+            (wildcard, port),
+            family=family,
+            backlog=BACKLOG,
+            dualstack_ipv6=family == socket.AF_INET6,
+        )
+    else:
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
 _BUILT_IN = {
@@ -56,6 +87,21 @@ _BUILT_IN = {
 }
 
 
+class Security(Protocol):
+    """What the web config decides per request (exporter.webconfig implements it)."""
+
+    headers: Mapping[str, str]
+
+    async def allowed(self, authorization: str | None) -> bool: ...
+
+
+class _Open:
+    headers: Mapping[str, str] = {}
+
+    async def allowed(self, authorization: str | None) -> bool:
+        return True
+
+
 class WebServer:
     def __init__(
         self,
@@ -65,62 +111,129 @@ class WebServer:
         ready: Callable[[], bool],
         reload: Callable[[], Awaitable[tuple[bool, str]]],
         routes: Callable[[], Sequence[Route]] = tuple,
+        lifecycle: bool = False,
+        ingest_address: str | None = None,
+        security: Callable[[], Security] = _Open,
+        tls: Callable[[], ssl.SSLContext | None] = lambda: None,
     ):
-        self._host, self._port, self._family = parse_listen_address(address)
+        self._addresses = {
+            "main": address,
+            **({"ingest": ingest_address} if ingest_address else {}),
+        }
+        for name, value in self._addresses.items():
+            parse_listen_address(
+                value, "--web.listen-address" if name == "main" else "--web.ingest-address"
+            )
         self._snapshot = snapshot
         self._ready = ready
         self._reload = reload
         self._routes = routes
+        self._lifecycle = lifecycle
+        self._security = security  # the current web config's auth and headers, re-read on change
+        self._tls = tls
         self._latest: dict[Variant, tuple[int, bytes]] = {}  # newest body served per variant
-        self._runner: web.AppRunner | None = None
-        self._socket: socket.socket | None = None
+        self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
+        self.exposition_bytes = 0
+        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
+        self._sockets: dict[str, socket.socket] = {}
 
     @property
     def port(self) -> int:
-        assert self._socket is not None
-        return self._socket.getsockname()[1]
+        return self.port_of("main")
+
+    def port_of(self, listener: str) -> int:
+        return self._sockets[listener].getsockname()[1]
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 8190})
-        app.router.add_route("*", "/{path:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        self._socket = socket.create_server(
-            (self._host, self._port), family=self._family, backlog=BACKLOG, reuse_port=False
-        )
-        self._socket.setblocking(False)
-        await web.SockSite(self._runner, self._socket, backlog=BACKLOG).start()
+        """Bind every listener first, so a taken port fails the start before anything serves."""
+        for name, address in self._addresses.items():
+            self._sockets[name] = listen(address)
+        loop = asyncio.get_running_loop()
+        for name, sock in self._sockets.items():
+            app = web.Application(client_max_size=MAX_BODY)
+            handler = self._dispatch if name == "main" else self._dispatch_ingest
+            app.router.add_route("*", "/{path:.*}", handler)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                keepalive_timeout=HEADER_TIMEOUT,
+                shutdown_timeout=1.0,  # SIGTERM: a running scrape gets a second, no more
+            )
+            await runner.setup()
+            self._runners.append(runner)
+            server = runner.server
+            assert server is not None
+            self._servers.append(
+                await loop.create_server(
+                    functools.partial(_bounded, server),
+                    sock=sock,
+                    backlog=BACKLOG,
+                    ssl=self._tls(),
+                )
+            )
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for server in self._servers:
+            server.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._servers, self._runners = [], []
 
     # --- routing ---
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        security = self._security()
+        if not await security.allowed(request.headers.get("Authorization")):
+            response = _web(text(401, "Unauthorized."))
+            response.headers["WWW-Authenticate"] = 'Basic realm="whatsapp-exporter"'
+        else:
+            response = await self._answer(request, ingest_only=False)
+        return self._finish(request, response, security)
+
+    async def _dispatch_ingest(self, request: web.Request) -> web.StreamResponse:
+        security = self._security()
+        return self._finish(request, await self._answer(request, ingest_only=True), security)
+
+    def _finish(
+        self, request: web.Request, response: web.StreamResponse, security: Security
+    ) -> web.StreamResponse:
+        for name, value in security.headers.items():
+            response.headers[name] = value
+        key = (_handler_label(request.path, self._routes()), str(response.status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        return response
+
+    async def _answer(self, request: web.Request, *, ingest_only: bool) -> web.StreamResponse:
         path, method = request.path, request.method
-        if path == "/metrics" and method in ("GET", "HEAD"):
-            return await self._metrics(request)
-        if method in ("GET", "HEAD"):
-            answer = self._get(path)
-            if answer is not None:
-                return _web(answer)
-        if method == "POST" and path == "/-/reload":
-            body = await _read_body(request)
-            if isinstance(body, Response):
-                return _web(body)
-            ok, message = await self._reload()
-            return _web(text(200 if ok else 500, message))
         routes = self._routes()
+        if not ingest_only:
+            if path == "/metrics" and method in ("GET", "HEAD"):
+                return await self._metrics(request)
+            if method in ("GET", "HEAD"):
+                answer = self._get(path)
+                if answer is not None:
+                    return _web(answer)
+            if method == "POST" and path == "/-/reload":
+                return _web(await self._reload_request(request))
         route = next((r for r in routes if r.method == method and r.matches(path)), None)
         if route is None:
-            return _web(self._missing(method, path, routes))
+            return _web(self._missing(method, path, routes, ingest_only))
         body = await _read_body(request) if method not in ("GET", "HEAD") else b""
         if isinstance(body, Response):
             return _web(body)
         headers = {k.lower(): v for k, v in request.headers.items()}
         return _web(await route.handler(Request(method, path, headers, body)))
+
+    async def _reload_request(self, request: web.Request) -> Response:
+        if not self._lifecycle:
+            return text(403, "Lifecycle API is not enabled: start with --web.enable-lifecycle.")
+        body = await _read_body(request)
+        if isinstance(body, Response):
+            return body
+        ok, message = await self._reload()
+        return text(200 if ok else 500, message)
 
     def _get(self, path: str) -> Response | None:
         if path == "/":
@@ -135,15 +248,20 @@ class WebServer:
             )
         return None
 
-    def _missing(self, method: str, path: str, routes: Sequence[Route]) -> Response:
-        allowed = ", ".join(r.method for r in routes if r.matches(path)) or _BUILT_IN.get(path, "")
+    def _missing(
+        self, method: str, path: str, routes: Sequence[Route], ingest_only: bool
+    ) -> Response:
+        built_in = "" if ingest_only else _BUILT_IN.get(path, "")
+        allowed = ", ".join(r.method for r in routes if r.matches(path)) or built_in
         if allowed:
             return Response(
                 405,
                 f"Method {method} not allowed on {path}; use {allowed}.\n".encode(),
                 headers=(("Allow", allowed),),
             )
-        return text(404, f"Not found: {path}. See / for what this exporter serves.")
+        if ingest_only:
+            return text(404, "Not found. This port serves only the ingest API and webhooks.")
+        return text(404, f"Not found: {_redacted(path)}. See / for what this exporter serves.")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         variant = Variant(
@@ -168,6 +286,8 @@ class WebServer:
                 self._remember_body(exposition.generation, variant, body)
         else:
             self._remember_body(exposition.generation, variant, body)
+        if not variant.gzip:
+            self.exposition_bytes = len(body)
         headers = {"Content-Type": variant.content_type, "Vary": "Accept, Accept-Encoding"}
         if variant.gzip:
             headers["Content-Encoding"] = "gzip"
@@ -191,9 +311,49 @@ async def _read_body(request: web.Request) -> bytes | Response:
             {"error": f"body of {request.content_length} bytes is over the limit of {MAX_BODY}"},
         )
     try:
-        return await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         return json_response(413, {"error": f"the body is over the limit of {MAX_BODY} bytes"})
+    except TimeoutError:
+        return json_response(
+            408, {"error": f"the body did not arrive within {BODY_TIMEOUT:g}s of its headers"}
+        )
+
+
+def _bounded(server: web.Server) -> asyncio.Protocol:
+    """aiohttp's protocol for a new connection, or, past MAX_CONNECTIONS, one that answers 503
+    and closes: an overloaded exporter says so instead of queueing without end."""
+    if len(server.connections) >= MAX_CONNECTIONS:
+        return _Refuse()
+    return server()
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
+
+
+_SECRET_SEGMENT = re.compile(r"^(/webhooks/[^/]+/[^/]+/)[^/]+")
+
+
+def _redacted(path: str) -> str:
+    """A webhook path's last segment may be its secret: never echoed or logged."""
+    return _SECRET_SEGMENT.sub(r"\1<secret>", path)
+
+
+def _handler_label(path: str, routes: Sequence[Route]) -> str:
+    """A bounded label: the route's own path, never the request's (ids, secrets)."""
+    if path in _BUILT_IN:
+        return path
+    for route in routes:
+        if route.matches(path):
+            return route.path
+    return "other"
 
 
 def _web(response: Response) -> web.Response:

@@ -98,6 +98,7 @@ def run_exporter(
     env: dict[str, str] | None = None,
     strict: bool = True,
     storage: Path | None = None,
+    **options: object,
 ) -> Iterator[Running]:
     """Run the exporter against YAML text (or a file, which then also serves reloads)."""
     if isinstance(config, Path):
@@ -112,7 +113,8 @@ def run_exporter(
             return parse_config(text, ACCOUNT_MODELS, env=env or {})
 
     storage = storage or Path(tempfile.mkdtemp(prefix="ledger-")) / "ledger.db"
-    exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict)
+    options = {"lifecycle": True, **options}  # tests reload through POST /-/reload
+    exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict, **options)
     first = load()
     failure: list[BaseException] = []
 

@@ -96,13 +96,16 @@ def test_sighup_reloads_the_config_file(tmp_path):
     with WhatsGateSimulator(devices=1, auto=False) as sim:
         port = free_port()
         config = tmp_path / "config.yaml"
-        config.write_text("whatsgate: []\n")
+        first = "kaleyra: [{account: k, base_url: 'http://127.0.0.1:9', numbers: ['+12025550100']}]"
+        first += "\n"
+        config.write_text(first)
         process = start(f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}")
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for(lambda: scrape(url) is not None, 10, "the exporter to listen")
             config.write_text(
-                f"whatsgate:\n  - {{account: a, base_url: '{sim.base_url}', token: demo-token}}\n"
+                first
+                + f"whatsgate:\n  - {{account: a, base_url: '{sim.base_url}', token: demo-token}}\n"
             )
             process.send_signal(signal.SIGHUP)
             wait_for(
@@ -162,7 +165,7 @@ def test_bad_flags_are_messages(args, code, message, tmp_path):
 
 def test_port_in_use_is_a_message_and_exit_1(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text("whatsgate: []\n")
+    config.write_text("whatsgate:\n  - {account: a, base_url: 'http://127.0.0.1:9', token: t}\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -136,9 +136,9 @@ def test_dockerfile_runtime_contract(dockerfile) -> None:
     assert json.loads(last["ENTRYPOINT"]) == ["whatsapp-exporter"]
     assert "whatsapp-exporter" in PYPROJECT["project"]["scripts"]
     cmd = json.loads(last["CMD"])
-    assert cmd == [f"--config.file={CONFIG_PATH}", f"--storage.path={DATA_DIR}/ledger.db"]
+    assert cmd == [f"--config.file={CONFIG_PATH}", f"--storage.path={DATA_DIR}"]
     args = parse_args(cmd)  # the CLI accepts the flags as written
-    assert (args.config_file, args.storage_path) == (CONFIG_PATH, f"{DATA_DIR}/ledger.db")
+    assert (args.config_file, args.storage_path) == (CONFIG_PATH, DATA_DIR)
 
     volumes = [json.loads(rest) for keyword, rest in final if keyword == "VOLUME"]
     assert [DATA_DIR] in volumes
@@ -157,7 +157,9 @@ def test_dockerfile_healthcheck_uses_stdlib_python(dockerfile) -> None:
     assert "--timeout=" in options and "--interval=" in options
 
     # the snippet itself, against a real exporter (the port is the one it got here)
-    with run_exporter("{}") as running:
+    with run_exporter(
+        "kaleyra: [{account: k, base_url: 'http://127.0.0.1:9', numbers: ['+12025550100']}]"
+    ) as running:
         port = running.url.rsplit(":", 1)[1]
         snippet = argv[2].replace(f":{DEFAULT_PORT}/", f":{port}/")
         ok = subprocess.run([sys.executable, "-c", snippet], capture_output=True, timeout=10)

@@ -338,8 +338,12 @@ def test_histogram_buckets_in_the_exposition(sim):
     with run_exporter(config(sim, retry_first="1h")) as running:
         event = {"request_id": "r", "msg_id": "m", "status": "read", "timestamp": 0}
         httpx.post(f"{running.url}/webhooks/d7/prod", json=event, headers=AUTH)
-        buckets = values(
-            running.scrape(), "whatsapp_message_delivery_seconds_bucket", status="read"
+        buckets = wait_for(  # shown on the next coalesced publication
+            lambda: values(
+                running.scrape(), "whatsapp_message_delivery_seconds_bucket", status="read"
+            ),
+            5,
+            "the histogram",
         )
     bounds = [labels["le"] for labels, _ in buckets]
     assert len(bounds) == len(BUCKETS) + 1 and "+Inf" in bounds and "86400.0" in bounds

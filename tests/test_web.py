@@ -66,11 +66,13 @@ def test_whole_output_passes_promtool_and_the_parser_and_values_move(sims):
         "whatsapp_exporter_build_info",
     ):
         assert expected in names
-    assert all(name.startswith("whatsapp_") for name in names)
+    # process_* (client_python's process collector) are the only names outside whatsapp_
+    assert all(name.startswith(("whatsapp_", "process_")) for name in names)
+    assert "process_resident_memory_bytes" in names
     assert all(
         ("provider", p) in labels
         for (name, labels), _ in series.items()
-        if not name.startswith("whatsapp_exporter_")
+        if not name.startswith(("whatsapp_exporter_", "process_"))
         for p in [dict(labels).get("provider")]
     )
     assert "demo-token" not in text and "demo-key" not in text

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -279,6 +280,7 @@ class Tracking:
     its totals changed through `changed`, which hands over to the loop."""
 
     def __init__(self, context: StateContext):
+        _adopt_the_old_ledger(Path(context.storage_path))
         try:
             self.ledger = Ledger(context.storage_path)
         except LedgerError as exc:
@@ -313,6 +315,23 @@ class Tracking:
 
     def close(self) -> None:
         self.ledger.close()
+
+
+def _adopt_the_old_ledger(path: Path) -> None:
+    """Version 0.1 kept the ledger as `ledger.db` where `--storage.path` pointed (the container:
+    /var/lib/whatsapp-exporter/ledger.db). Now that the flag names the directory, the old file,
+    with its write-ahead log, becomes this one, once, so no tracked id is lost on upgrade."""
+    old = path.with_name("ledger.db")
+    if path.exists() or not old.is_file() or path.name == old.name:
+        return
+    for suffix in ("", "-wal", "-shm"):
+        source = old.with_name(old.name + suffix)
+        if source.exists():
+            source.rename(path.with_name(path.name + suffix))
+    log.warning(
+        "adopted the D7 ledger of version 0.1",
+        extra={"fields": {"from": str(old), "to": str(path)}},
+    )
 
 
 def endpoints(account: Account, defaults: Defaults, state: Tracking | None) -> list[Endpoint]:
