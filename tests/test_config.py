@@ -138,6 +138,7 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
         "BETATEL_API_KEY": "b",
         "BETATEL_ACCOUNT_ID": "a",
         "D7_INGEST_TOKEN": "i",
+        "D7_WEBHOOK_SECRET": "0123456789abcdef",
     }
     config = parse_config(text, ACCOUNT_MODELS, env=env)
     assert [(p, a.account) for p, a in config.accounts()] == [

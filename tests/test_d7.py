@@ -347,3 +347,44 @@ def test_histogram_buckets_in_the_exposition(sim):
         )
     bounds = [labels["le"] for labels, _ in buckets]
     assert len(bounds) == len(BUCKETS) + 1 and "+Inf" in bounds and "86400.0" in bounds
+
+
+def test_webhook_secret_in_the_path_for_callbacks_that_send_no_header(sim, caplog):
+    secret = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    with run_exporter(config(sim, webhook_secret=secret)) as running:
+        event = {"request_id": "r-1", "msg_id": "m", "status": "delivered"}
+        good = httpx.post(f"{running.url}/webhooks/d7/prod/{secret}", json=event, timeout=10)
+        wrong = httpx.post(f"{running.url}/webhooks/d7/prod/{'x' * 32}", json=event, timeout=10)
+        other = httpx.post(f"{running.url}/webhooks/d7/other/{secret}", json=event, timeout=10)
+        unknown = httpx.post(f"{running.url}/webhooks/d7/nope/{secret}", json=event, timeout=10)
+        running.wait_for_metric("whatsapp_exporter_last_webhook_timestamp_seconds", account="prod")
+        series = running.scrape()
+        page = httpx.get(f"{running.url}/").text
+    assert good.status_code == 200, good.text
+    # a wrong secret, another account's path, an unknown account: all alike, nothing stored
+    assert {wrong.status_code, other.status_code, unknown.status_code} == {401}
+    assert value(series, "whatsapp_tracking_webhook_events_total", account="prod") == 1
+    assert value(series, "whatsapp_tracked_requests", account="prod", state="pending") == 1
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert secret not in logged and secret not in page
+
+
+def test_ingest_counts_ids_new_known_and_refused(sim):
+    with run_exporter(config(sim, retry_first="1h")) as running:
+        ids = [str(uuid.uuid4()) for _ in range(3)]
+        assert hand_in(running, ids).status_code == 202
+        assert hand_in(running, [ids[0], str(uuid.uuid4())]).status_code == 202
+        refused = httpx.post(
+            f"{running.url}/api/v1/requests",
+            json={"account": "prod", "request_ids": ["ok", "not valid!"]},
+            headers=AUTH,
+            timeout=10,
+        )
+        assert refused.status_code == 422
+        running.wait_for_metric("whatsapp_tracking_ids_total", account="prod", result="refused")
+        series = running.scrape()
+    counted = {
+        result: value(series, "whatsapp_tracking_ids_total", account="prod", result=result)
+        for result in ("new", "known", "refused")
+    }
+    assert counted == {"new": 4, "known": 1, "refused": 2}

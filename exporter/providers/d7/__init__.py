@@ -287,34 +287,79 @@ class Tracking:
             raise ProviderStateError(str(exc)) from None
         self.ledger.on_change(context.changed)
         self._changed = context.changed
-        # what could not be used, by (account, problem): counted on the loop, kept in memory
-        self.problems: dict[tuple[str, str], int] = {}
-        self._ingest = Ingest(self.ledger, context.accounts, self.problem)
+        # per (account, what): ids new/known/refused, webhook events, problems; on the loop
+        self.counts: dict[tuple[str, str], int] = {}
+        self.last_webhook: dict[str, float] = {}
+        self._ingest = Ingest(self.ledger, context.accounts, self.count, self._webhook_arrived)
+
+    def count(self, account: str, what: str, count: int = 1) -> None:
+        if count:
+            key = (account, what)
+            self.counts[key] = self.counts.get(key, 0) + count
+            self._changed()
 
     def problem(self, account: str, problem: str, count: int = 1) -> None:
-        key = (account, problem)
-        self.problems[key] = self.problems.get(key, 0) + count
+        self.count(account, problem, count)
+
+    def _webhook_arrived(self, account: str) -> None:
+        self.last_webhook[account] = time.time()
         self._changed()
 
     def routes(self) -> list[Route]:
         return self._ingest.routes()
 
     def families(self) -> list[Family]:
-        problems = Family(
-            "whatsapp_tracking_problems",
-            "counter",
-            "D7 reports and webhook events the exporter could not use: bad_report (one id's "
-            "report was malformed; the id is asked again later), bad_timestamp (an event's time "
-            "was before 2015 or in the future, and was ignored).",
-            tuple(
-                Sample((("provider", "d7"), ("account", a), ("problem", p)), float(n), "_total")
-                for (a, p), n in sorted(self.problems.items())
+        def counted(kinds: dict[str, str], label: str) -> tuple[Sample, ...]:
+            return tuple(
+                Sample((*_labels(a), (label, kinds[what])), float(n), "_total")
+                for (a, what), n in sorted(self.counts.items())
+                if what in kinds
+            )
+
+        return [
+            *ledger_families(self.ledger.totals()),
+            Family(
+                "whatsapp_tracking_problems",
+                "counter",
+                "D7 reports and webhook events the exporter could not use: bad_report (one id's "
+                "report was malformed; the id is asked again later), bad_timestamp (an event's "
+                "time was before 2015 or in the future, and was ignored).",
+                counted({"bad_report": "bad_report", "bad_timestamp": "bad_timestamp"}, "problem"),
             ),
-        )
-        return [*ledger_families(self.ledger.totals()), problems]
+            Family(
+                "whatsapp_tracking_ids",
+                "counter",
+                "D7 request ids handed in over the ingest API: new (now tracked), known (already "
+                "tracked), refused (in a hand-in that was refused, nothing stored).",
+                counted(
+                    {"ids_new": "new", "ids_known": "known", "ids_refused": "refused"}, "result"
+                ),
+            ),
+            Family(
+                "whatsapp_tracking_webhook_events",
+                "counter",
+                "D7 delivery events received by the webhook and stored.",
+                tuple(
+                    Sample(_labels(a), float(n), "_total")
+                    for (a, what), n in sorted(self.counts.items())
+                    if what == "events"
+                ),
+            ),
+            Family(
+                "whatsapp_exporter_last_webhook_timestamp_seconds",
+                "gauge",
+                "Unix time of the newest D7 webhook accepted for the account: a callback that "
+                "stopped arriving shows here long before the delivered ratio drifts.",
+                tuple(Sample(_labels(a), at) for a, at in sorted(self.last_webhook.items())),
+            ),
+        ]
 
     def close(self) -> None:
         self.ledger.close()
+
+
+def _labels(account: str) -> tuple[tuple[str, str], ...]:
+    return (("provider", "d7"), ("account", account))
 
 
 def _adopt_the_old_ledger(path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import re
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from exporter.config import AccountBase, Duration, SecretFile
 from exporter.providers.d7.ledger import Schedule
@@ -16,6 +18,9 @@ class Account(AccountBase):
     token_file: SecretFile = None
     ingest_token: SecretStr | None = None  # what the sending app and D7's webhook present
     ingest_token_file: SecretFile = None
+    # for a D7 callback that cannot send headers: /webhooks/d7/{account}/{webhook_secret}
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: SecretFile = None
     # the docs say v2; every official SDK calls /whatsapp/v1/report/{request_id}
     report_path: str = "/whatsapp/v2/report/{request_id}"
     interval: Duration | None = 5.0  # how often due ids are picked, not how often each is asked
@@ -33,6 +38,21 @@ class Account(AccountBase):
         if "{request_id}" not in path or not path.startswith("/"):
             raise ValueError(f"{path!r} must start with / and contain {{request_id}}")
         return path
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> Account:
+        if self.webhook_secret is not None and self.webhook_secret_file is not None:
+            raise ValueError("give either webhook_secret or webhook_secret_file, not both")
+        secret = self.webhook_secret or self.webhook_secret_file
+        if secret is not None:
+            text = secret.get_secret_value()
+            if len(text) < 16 or not re.fullmatch(r"[A-Za-z0-9._~-]+", text):
+                raise ValueError(
+                    "webhook_secret: at least 16 characters of A-Z a-z 0-9 . _ ~ - (it is a URL "
+                    "path segment; e.g. the output of `openssl rand -hex 16`)"
+                )
+            object.__setattr__(self, "webhook_secret", secret)
+        return self
 
     def schedule(self) -> Schedule:
         return Schedule(

@@ -96,11 +96,13 @@ class Ingest:
         self,
         ledger: Ledger,
         accounts: Callable[[], Mapping[str, Account]],
-        problem: Callable[[str, str, int], None],
+        count: Callable[[str, str, int], None],
+        webhook_arrived: Callable[[str], None],
     ):
         self._ledger = ledger
         self._accounts = accounts  # the running config's D7 accounts, by name
-        self._problem = problem  # counts what could not be used: (account, problem, how many)
+        self._count = count  # (account, what, how many): ids new/known/refused, events, problems
+        self._webhook_arrived = webhook_arrived
 
     def routes(self) -> list[Route]:
         return [
@@ -118,6 +120,7 @@ class Ingest:
         try:
             handover = _Handover.model_validate(body)
         except pydantic.ValidationError as exc:
+            self._refused(body)
             return _invalid(exc)
         account = self._account(request, handover.account)
         if isinstance(account, Response):
@@ -127,7 +130,10 @@ class Ingest:
                 self._ledger.add, account.account, handover.request_ids, account.schedule()
             )
         except LedgerError as exc:
+            self._refused(body)
             return _unavailable(exc)
+        self._count(account.account, "ids_new", new)
+        self._count(account.account, "ids_known", len(set(handover.request_ids)) - new)
         return json_response(
             202,
             {
@@ -139,10 +145,13 @@ class Ingest:
         )
 
     async def webhook(self, request: Request) -> Response:
-        refused = self._authenticated(request)
-        if refused:
-            return refused
-        account = self._account(request, request.path.removeprefix(WEBHOOK_PREFIX))
+        """`/webhooks/d7/{account}` with the bearer token, or `/webhooks/d7/{account}/{secret}`
+        for a callback that cannot send headers."""
+        name, _, secret = request.path.removeprefix(WEBHOOK_PREFIX).partition("/")
+        if secret:
+            account = self._by_secret(name, secret)
+        else:
+            account = self._authenticated(request) or self._account(request, name)
         if isinstance(account, Response):
             return account
         body = _json(request.body)
@@ -157,12 +166,31 @@ class Ingest:
         batch = [(safe_text(e.request_id, 128), e.update(), sent_at(e)) for e in received]
         ignored = sum(e.bad_timestamp for e in received)
         if ignored:
-            self._problem(account.account, "bad_timestamp", ignored)
+            self._count(account.account, "bad_timestamp", ignored)
         try:
             await asyncio.to_thread(self._ledger.report, account.account, batch, account.schedule())
         except LedgerError as exc:
             return _unavailable(exc)
+        self._count(account.account, "events", len(batch))
+        self._webhook_arrived(account.account)
         return json_response(200, {"account": account.account, "accepted": len(batch)})
+
+    def _by_secret(self, name: str, secret: str) -> Account | Response:
+        """Compared in constant time; a wrong secret and an unknown account look alike."""
+        account = self._accounts().get(name)
+        expected = account.webhook_secret if account is not None else None
+        given = secret.encode()
+        if expected is None or not hmac.compare_digest(given, expected.get_secret_value().encode()):
+            return _error(401, "unknown webhook path")
+        return account
+
+    def _refused(self, body: Any) -> None:
+        """Ids in a refused hand-in, counted for a configured account (never an unknown name:
+        labels stay bounded)."""
+        if not isinstance(body, dict) or body.get("account") not in self._accounts():
+            return
+        ids = body.get("request_ids")
+        self._count(body["account"], "ids_refused", len(ids) if isinstance(ids, list) else 1)
 
     def _authenticated(self, request: Request) -> Response | None:
         """401 unless the bearer token is some D7 account's ingest_token."""
