@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -168,6 +169,46 @@ class Schedule(Strict):
     interval: Duration | None = None
 
 
+class ClientTLS(Strict):
+    """How an account's HTTPS connections are verified and authenticated (json_exporter's
+    `http_client_config.tls_config`). Files are read at load, so a bad one fails the config."""
+
+    ca_file: str | None = None  # trust this CA (a provider behind a private CA, a proxy's)
+    cert_file: str | None = None  # a client certificate, for a provider that asks for one
+    key_file: str | None = None
+    insecure_skip_verify: bool = False  # never in production: any certificate is accepted
+
+    @model_validator(mode="after")
+    def _usable(self) -> ClientTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together")
+        self.context()  # raises ValueError saying which file is wrong
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ca_file {self.ca_file}: {_why(exc)}") from None
+        if self.cert_file and self.key_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cert_file {self.cert_file} / key_file {self.key_file}: {_why(exc)}"
+                ) from None
+        if self.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _why(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)
+
+
 _ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 
 
@@ -187,6 +228,8 @@ class AccountBase(Strict):
     rate_limit: Rate | None = None
     concurrency: int = Field(4, ge=1, le=64)  # requests in flight at once, within rate_limit
     body_size_limit: ByteSize = 4 << 20  # an answer over this fails its poll as too_large
+    proxy_url: str | None = None  # an HTTP(S) forward proxy for this account's requests
+    tls: ClientTLS = ClientTLS()
 
     def secret_values(self) -> list[str]:
         """Every secret of this account as text, to scrub from whatever a provider echoes."""
@@ -203,6 +246,13 @@ class AccountBase(Strict):
             raise ValueError(
                 f"{value!r} must be 1-63 letters, digits or _.:- (it becomes a label value)"
             )
+        return value
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError(f"{value!r} must be an http:// or https:// proxy URL (host[:port])")
         return value
 
     @field_validator("base_url")

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import json
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,8 @@ class Api:
                 ) from None
             except httpx.TransportError as exc:
                 raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
+            except ssl.SSLError as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
+                raise PollError("connect", f"TLS: {exc.reason or exc}") from None
         return await self._interpret(answered)
 
     async def _read(self, request: httpx.Request) -> Answered:

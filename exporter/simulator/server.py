@@ -17,6 +17,7 @@ import random
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -235,6 +236,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        tls = self.server.simulator.tls
+        if tls is not None:  # the handshake in this connection's thread, never the accept loop
+            self.request = tls.wrap_socket(self.request, server_side=True)
         super().setup()
         self.server.simulator._track(self.connection)
 
@@ -352,9 +356,11 @@ class Simulator:
         seed: int | None = 0,
         auto: bool = True,
         tick: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if _number(tick, "tick") <= 0:
             raise ValueError("tick must be > 0")
+        self.tls = tls  # a server context: the simulator speaks HTTPS
         self.host = host
         self.port = port
         self.seed = seed
@@ -487,7 +493,7 @@ class Simulator:
         if self._server is None:
             raise RuntimeError(f"{self.name} simulator not started")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
