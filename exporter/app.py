@@ -21,13 +21,14 @@ from typing import Any
 from prometheus_client import ProcessCollector
 
 from exporter import build as builds
-from exporter.config import Config, ConfigError
+from exporter.config import Config, ConfigError, redacted
 from exporter.metrics import Family, Sample
 from exporter.providers import PROVIDERS
 from exporter.providers.base import Provider, ProviderState, ProviderStateError, StateContext
 from exporter.routing import Route
 from exporter.scheduler import Scheduler
 from exporter.snapshot import Snapshot
+from exporter.status import Budget, Status
 from exporter.web import Security, WebServer
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class Exporter:
             ingest_address=self._ingest_address,
             **({"security": self._security} if self._security else {}),
             **({"tls": self._tls} if self._tls else {}),
+            status=self._status,
+            config_view=lambda: redacted(self._config) if self._config else "",
         )
         publisher = asyncio.create_task(self._publish_forever())
         own = asyncio.create_task(self._own_metrics_forever())
@@ -160,6 +163,24 @@ class Exporter:
             await self.scheduler.close()
             for state in self.states.values():
                 state.close()
+
+    async def _status(self) -> Status:
+        assert self.scheduler is not None
+        budgets = []
+        for poller in self.scheduler.pollers():
+            used, paused = poller.api.budget.usage()
+            provider, account = poller.name
+            budget = poller.api.budget
+            budgets.append(Budget(provider, account, used, budget.requests, budget.period, paused))
+        return Status(
+            version=self.build.version,
+            revision=self.build.revision,
+            now=time.time(),
+            targets=self.snapshot.targets(),
+            history=self.snapshot.history,
+            budgets=sorted(budgets, key=lambda b: (b.provider, b.account)),
+            providers={name: await state.status() for name, state in self.states.items()},
+        )
 
     def _ready(self) -> bool:
         """Once the first round is over and published: a scrape right after a 200 sees it."""

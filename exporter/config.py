@@ -293,6 +293,22 @@ def config_model(account_models: Mapping[str, type[AccountBase]]) -> type[Config
     return create_model("WhatsAppExporterConfig", __base__=Config, **fields)
 
 
+def redacted(config: Config) -> str:
+    """The running config as YAML for /config: every secret (inline or read from a file) shown
+    as `<secret>`, defaults filled in."""
+
+    def hide(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "<secret>"
+        if isinstance(value, dict):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [hide(v) for v in value]
+        return value
+
+    return yaml.safe_dump(hide(config.model_dump()), sort_keys=False, allow_unicode=True)
+
+
 # --- loading ----------------------------------------------------------------------------------
 
 _ENV = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")

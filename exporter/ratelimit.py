@@ -34,6 +34,13 @@ class RequestBudget:
         """The provider said 429: send nothing more until `seconds` have passed."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
 
+    def usage(self) -> tuple[int, float]:
+        """Requests counted in the current window (sent or answered), and seconds until a 429's
+        pause ends (0: not paused)."""
+        now = self._clock()
+        used = sum(1 for t in self._finished if t > now - self.period) + self._in_flight
+        return used, max(0.0, self._blocked_until - now)
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self._acquire()

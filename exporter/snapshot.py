@@ -14,6 +14,7 @@ import asyncio
 import gzip
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -58,6 +59,19 @@ class TargetState:
     error: str = ""
     reason: str = ""
     stale: bool = False
+    failing_since: float | None = None  # the first failure after the newest success
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """One poll as the status page lists it."""
+
+    at: float
+    duration: float
+    reason: str  # "" for a success
+
+
+HISTORY = 6  # polls kept per target for the status page: at 30k targets, ~15 MB
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,7 @@ class Snapshot:
         self._stale_after = stale_after
         self._clock = clock
         self._targets: dict[TargetKey, TargetState] = {}
+        self._history: dict[TargetKey, deque[Poll]] = {}
         self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
         self._created: dict[tuple[str, str, str], float] = {}  # when each endpoint's counting began
         self._blocks: dict[str, _Block] = {}
@@ -235,6 +250,7 @@ class Snapshot:
             key, interval, up=True, last_poll=now, last_success=now, duration=duration
         )
         self._targets[key] = state
+        self._remember(key, Poll(now, duration, ""))
         self._put(
             ("v", *_fields(key)),
             families,
@@ -246,16 +262,19 @@ class Snapshot:
         """Keep the target's last values (until they go stale), mark it down, count the reason."""
         reason = error.reason
         old = self._targets.get(key) or TargetState(key, interval)
+        now = self._clock()
         state = replace(
             old,
             interval=interval,
             up=False,
-            last_poll=self._clock(),
+            last_poll=now,
             duration=duration,
             error=f"{reason}: {error.detail}",
             reason=reason,
+            failing_since=old.failing_since if old.up is False else now,
         )
         self._targets[key] = state
+        self._remember(key, Poll(now, duration, reason))
         endpoint = (key.provider, key.account, key.endpoint)
         counts = self._errors.get(endpoint)
         if counts is None:  # polled before configure() named it: count it all the same
@@ -337,15 +356,26 @@ class Snapshot:
     def targets(self) -> list[TargetState]:
         return sorted(self._targets.values(), key=lambda s: s.key)
 
+    def history(self, key: TargetKey) -> tuple[Poll, ...]:
+        """The newest polls of a target, newest first."""
+        return tuple(reversed(self._history.get(key, ())))
+
     # --- inside ---
 
     def _touch(self) -> None:
         self.generation += 1
         self._changed.set()
 
+    def _remember(self, key: TargetKey, poll: Poll) -> None:
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = deque(maxlen=HISTORY)
+        history.append(poll)
+
     def _forget(self, keys: Iterable[TargetKey]) -> None:
         for key in list(keys):
             del self._targets[key]
+            self._history.pop(key, None)
             self._put(("v", *_fields(key)), ())
             self._put(("h", *_fields(key)), ())
 

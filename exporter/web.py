@@ -15,22 +15,20 @@ a body within BODY_TIMEOUT, and at most MAX_CONNECTIONS are open per listener.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
-import html
 import logging
 import re
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from aiohttp import web
 
-from exporter import __version__
+from exporter import status as statuspage
 from exporter.routing import Request, Response, Route, json_response, text
-from exporter.snapshot import Snapshot, TargetState, Variant
+from exporter.snapshot import Snapshot, Variant
+from exporter.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +79,7 @@ def listen(address: str) -> socket.socket:
 _BUILT_IN = {
     "/metrics": "GET, HEAD",
     "/": "GET, HEAD",
+    "/config": "GET, HEAD",
     "/-/healthy": "GET, HEAD",
     "/-/ready": "GET, HEAD",
     "/-/reload": "POST",
@@ -115,6 +114,8 @@ class WebServer:
         ingest_address: str | None = None,
         security: Callable[[], Security] = _Open,
         tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+        status: Callable[[], Awaitable[Status]] | None = None,
+        config_view: Callable[[], str] = lambda: "",
     ):
         self._addresses = {
             "main": address,
@@ -131,6 +132,8 @@ class WebServer:
         self._lifecycle = lifecycle
         self._security = security  # the current web config's auth and headers, re-read on change
         self._tls = tls
+        self._status = status
+        self._config_view = config_view
         self._latest: dict[Variant, tuple[int, bytes]] = {}  # newest body served per variant
         self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
         self.exposition_bytes = 0
@@ -212,7 +215,7 @@ class WebServer:
             if path == "/metrics" and method in ("GET", "HEAD"):
                 return await self._metrics(request)
             if method in ("GET", "HEAD"):
-                answer = self._get(path)
+                answer = await self._get(path, request.query.get("fragment") == "1")
                 if answer is not None:
                     return _web(answer)
             if method == "POST" and path == "/-/reload":
@@ -235,9 +238,13 @@ class WebServer:
         ok, message = await self._reload()
         return text(200 if ok else 500, message)
 
-    def _get(self, path: str) -> Response | None:
-        if path == "/":
-            return Response(200, landing_page(self._snapshot.targets()), "text/html; charset=utf-8")
+    async def _get(self, path: str, fragment: bool) -> Response | None:
+        if path == "/" and self._status is not None:
+            status = await self._status()
+            body = statuspage.fragment(status) if fragment else statuspage.page(status)
+            return Response(200, body, "text/html; charset=utf-8", (("Cache-Control", "no-store"),))
+        if path == "/config":
+            return Response(200, self._config_view().encode(), "text/plain; charset=utf-8")
         if path == "/-/healthy":
             return text(200, "Healthy.")
         if path == "/-/ready":
@@ -378,58 +385,3 @@ def _wants_openmetrics(header: str) -> bool:
             q = re.search(r"q\s*=\s*([0-9.]+)", params)
             return not q or float(q[1]) > 0
     return False
-
-
-def _ago(moment: float | None, now: float) -> str:
-    if moment is None:
-        return "never"
-    stamp = dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{stamp} ({max(0, now - moment):.0f}s ago)"
-
-
-def _state(target: TargetState) -> str:
-    if target.up is None:
-        return "pending"
-    if target.stale:
-        return "stale"
-    return "up" if target.up else "down"
-
-
-def landing_page(targets: list[TargetState]) -> bytes:
-    now = time.time()
-    rows = "\n".join(
-        "<tr class='{state}'><td>{p}</td><td>{a}</td><td>{e}</td><td>{t}</td><td>{state}</td>"
-        "<td>{poll}</td><td>{ok}</td><td>{err}</td></tr>".format(
-            p=html.escape(s.key.provider),
-            a=html.escape(s.key.account),
-            e=html.escape(s.key.endpoint),
-            t=html.escape(s.key.target) or "<i>account</i>",
-            state=_state(s),
-            poll=_ago(s.last_poll, now),
-            ok=_ago(s.last_success, now),
-            err=html.escape(s.error if s.up is False else ""),
-        )
-        for s in targets
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>WhatsApp Delivery Exporter</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: .3em .8em; border-bottom: 1px solid #ddd;
-text-align: left; }} tr.down td, tr.stale td {{ background: #fee; }}
-tr.pending td {{ color: #888; }}
-</style></head>
-<body>
-<h1>WhatsApp Delivery Exporter</h1>
-<p>Version {html.escape(__version__)}. Metrics: <a href="/metrics">/metrics</a>.
-Health: <a href="/-/healthy">/-/healthy</a>, <a href="/-/ready">/-/ready</a>.
-Values are polled in the background; each is at most one poll interval old.</p>
-<h2>Targets</h2>
-<table>
-<tr><th>provider</th><th>account</th><th>endpoint</th><th>target</th><th>state</th>
-<th>last poll</th><th>last success</th><th>error</th></tr>
-{rows or '<tr><td colspan="8">No targets configured.</td></tr>'}
-</table>
-</body></html>
-"""
-    return page.encode()

@@ -112,7 +112,7 @@ def run_exporter(
         def load() -> Config:
             return parse_config(text, ACCOUNT_MODELS, env=env or {})
 
-    storage = storage or Path(tempfile.mkdtemp(prefix="ledger-")) / "ledger.db"
+    storage = storage or Path(tempfile.mkdtemp(prefix="storage-"))
     options = {"lifecycle": True, **options}  # tests reload through POST /-/reload
     exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict, **options)
     first = load()

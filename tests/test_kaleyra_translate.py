@@ -840,8 +840,8 @@ def test_headers_inline_and_from_files(tmp_path) -> None:
             "[{account: a, numbers: ['+12025550100'], devices: []}]",
             [
                 "kaleyra[0].devices: unknown key (allowed: account, base_url, body_size_limit,"
-                " concurrency, header_files, headers, interval, numbers, rate_limit, stats_path,"
-                " timeout)"
+                " concurrency, header_files, headers, interval, numbers, proxy_url, rate_limit,"
+                " stats_path, timeout, tls)"
             ],
         ),
         (

@@ -101,7 +101,7 @@ def test_gzip_health_landing_page_and_unknown_paths(sims):
     assert len(compressed) < len(plain.content) / 3
     assert healthy.status_code == 200
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<a href="/metrics">' in page.text
+    assert "<a href='/metrics'>" in page.text
     assert "<td>whatsgate</td><td>acme</td><td>devices_status</td>" in page.text
     assert "auth: HTTP 401" in page.text  # the failing targets say why
     assert "demo-key" not in page.text

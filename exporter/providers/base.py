@@ -223,22 +223,21 @@ class Api:
             except (ValueError, RecursionError):
                 body = _NOT_JSON
         message = self._provider_error(body) if body is not _NOT_JSON else None
-        detail = message or answered.snippet()
+        # the provider's own message after the status, or the snippet, which names the status
+        detail = f"HTTP {status}: {message}" if message else answered.snippet()
         error = body if body is not _NOT_JSON else None
         if status in (401, 403):
-            raise PollError("auth", f"HTTP {status}: {detail}", error)
+            raise PollError("auth", detail, error)
         if status == 429:
             wait = _retry_after(answered.headers.get("retry-after"), self.budget.period)
             self.budget.block_for(wait)
             raise PollError("rate_limited", f"HTTP 429, waiting {wait:g}s before the next request")
         if status == 404:
-            raise PollError("not_found", f"HTTP 404: {detail}", error)
+            raise PollError("not_found", detail, error)
         if status >= 500:  # the provider's server broke, whatever its body says
-            raise PollError("http_5xx", detail if not message else f"HTTP {status}: {message}")
+            raise PollError("http_5xx", detail)
         if status >= 300 or status < 200:
-            if message:
-                raise PollError("provider_error", f"HTTP {status}: {message}", error)
-            raise PollError("http_4xx", detail, error)
+            raise PollError("provider_error" if message else "http_4xx", detail, error)
         if body is _NOT_JSON:
             raise PollError("bad_response", f"the answer is not JSON: {answered.snippet()}")
         if message:
@@ -298,6 +297,10 @@ class ProviderState(Protocol):
     def routes(self) -> Sequence[Route]: ...
 
     def families(self) -> Sequence[Family]: ...
+
+    async def status(self) -> Mapping[str, Mapping[str, str]]:
+        """Per account, what the status page shows of this state (field -> text)."""
+        ...
 
     def close(self) -> None: ...
 

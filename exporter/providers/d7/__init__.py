@@ -291,6 +291,7 @@ class Tracking:
         self.counts: dict[tuple[str, str], int] = {}
         self.last_webhook: dict[str, float] = {}
         self._ingest = Ingest(self.ledger, context.accounts, self.count, self._webhook_arrived)
+        self._accounts = context.accounts
 
     def count(self, account: str, what: str, count: int = 1) -> None:
         if count:
@@ -354,8 +355,31 @@ class Tracking:
             ),
         ]
 
+    async def status(self) -> dict[str, dict[str, str]]:
+        totals = self.ledger.totals()
+        now = time.time()
+        out = {}
+        for account in sorted(self._accounts()):
+            states = totals[account].states if account in totals else {}
+            oldest = await asyncio.to_thread(self.ledger.oldest_pending, account)
+            webhook = self.last_webhook.get(account)
+            out[account] = {
+                "pending": str(states.get("pending", 0)),
+                "done": str(states.get("done", 0)),
+                "expired": str(states.get("expired", 0)),
+                "oldest pending": _age(now - oldest) if oldest else "none",
+                "last webhook": _age(now - webhook) + " ago" if webhook else "none yet",
+            }
+        return out
+
     def close(self) -> None:
         self.ledger.close()
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 def _labels(account: str) -> tuple[tuple[str, str], ...]:

@@ -281,6 +281,15 @@ class Ledger:
                 for account, t in self._totals.items()
             }
 
+    def oldest_pending(self, account: str) -> float | None:
+        """When the oldest id still pending came in (for the status page)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(accepted_at) FROM requests WHERE account = ? AND state = 'pending'",
+                (account,),
+            ).fetchone()
+        return row[0] if row else None
+
     def pending_count(self, account: str) -> int:
         with self._lock:
             return self._totals_for(account).states["pending"]
