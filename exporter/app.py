@@ -15,12 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import ProcessCollector
 
 from exporter import build as builds
+from exporter.cluster import Election, LockSession, Shard
 from exporter.config import Config, ConfigError, redacted
 from exporter.metrics import Family, Sample
 from exporter.providers import PROVIDERS
@@ -77,6 +79,10 @@ class Exporter:
         security: Callable[[], Security] | None = None,
         tls: Callable[[], Any] | None = None,
         build: builds.Build | None = None,
+        storage_url: str | None = None,
+        storage_password: str | None = None,
+        shard: Shard | None = None,
+        lease: float = 15.0,
     ):
         self._load = load
         self._listen = listen_address
@@ -88,6 +94,13 @@ class Exporter:
         self._security = security
         self._tls = tls
         self.build = build or builds.current()
+        self._storage_url = storage_url
+        self._storage_password = storage_password
+        self.shard = shard or Shard(0, 1)
+        self._lease = lease
+        # without a shared database there is no one to elect: this process leads
+        self.leader = storage_url is None
+        self._election: Election | None = None
         self._config: Config | None = None
         self.states: dict[str, ProviderState] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,8 +144,20 @@ class Exporter:
         )
         publisher = asyncio.create_task(self._publish_forever())
         own = asyncio.create_task(self._own_metrics_forever())
+        tasks = [publisher, own]
+        self.snapshot.set_extra("~leader", [self._leader_family()])
+        if self._storage_url is not None:
+            self._election = Election(
+                self.shard,
+                lambda: LockSession.open(
+                    self._storage_url, self._storage_password, self._lease / 3
+                ),
+                lease=self._lease,
+                on_change=self._leadership,
+            )
+            tasks.append(asyncio.create_task(self._election.run()))
         try:
-            await self.scheduler.apply(config)
+            await self.scheduler.apply(self._polled(config))
             await self.web.start()
             self._handle_signals()
             log.info(
@@ -155,7 +180,7 @@ class Exporter:
             await self._stop.wait()
         finally:
             log.info("shutting down")
-            for task in (publisher, own):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -183,7 +208,10 @@ class Exporter:
         )
 
     def _ready(self) -> bool:
-        """Once the first round is over and published: a scrape right after a 200 sees it."""
+        """Once the first round is over and published: a scrape right after a 200 sees it. A
+        follower polls nothing and is ready at once: it serves ingest and webhooks."""
+        if not self.leader:
+            return True
         if self._ready_generation is None:
             if self.scheduler is None or not self.scheduler.ready:
                 return False
@@ -208,8 +236,8 @@ class Exporter:
                         extra={"fields": {"error": error}},
                     )
                 return False, "Reload failed, the running config is kept:\n" + "\n".join(exc.errors)
-            await self.scheduler.apply(config)
             self._config = config
+            await self.scheduler.apply(self._polled(config))
             self.snapshot.reload_result(True)
             log.info("config reloaded", extra={"fields": {"accounts": len(config.accounts())}})
             return True, "Reloaded."
@@ -251,8 +279,59 @@ class Exporter:
             self._loop.call_soon_threadsafe(self._refresh_state, name)
 
     def _refresh_state(self, name: str) -> None:
-        """Counters kept by a provider itself: shown as soon as they change, never stale."""
-        self.snapshot.set_extra(name, self.states[name].families())
+        """Counters kept by a provider itself: shown as soon as they change, never stale, and
+        only by the replica that leads their accounts' shard (they come from the shared ledger,
+        so they continue where the previous leader left them)."""
+        families = self.states[name].families() if self.leader else []
+        self.snapshot.set_extra(name, [self._owned(f) for f in families])
+
+    def _owned(self, family: Family) -> Family:
+        if self.shard.count == 1:
+            return family
+        return replace(
+            family,
+            samples=tuple(
+                s
+                for s in family.samples
+                if self.shard.owns(
+                    dict(s.labels).get("provider", ""), dict(s.labels).get("account", "")
+                )
+            ),
+        )
+
+    # --- leadership ---
+
+    def _polled(self, config: Config) -> Config:
+        """What this replica polls: its shard's accounts while it leads, none while it follows."""
+        update = {
+            provider: [
+                account
+                for account in getattr(config, provider)
+                if self.leader and self.shard.owns(provider, account.account)
+            ]
+            for provider in self._providers
+        }
+        return config.model_copy(update=update)
+
+    async def _leadership(self, leader: bool) -> None:
+        self.leader = leader
+        self._ready_generation = None
+        assert self.scheduler is not None and self._reload_lock is not None
+        async with self._reload_lock:
+            if self._config is not None:
+                await self.scheduler.apply(self._polled(self._config))
+        for name in self.states:
+            self._refresh_state(name)
+        self.snapshot.set_extra("~leader", [self._leader_family()])
+
+    def _leader_family(self) -> Family:
+        return Family(
+            "whatsapp_exporter_leader",
+            "gauge",
+            "Whether this replica leads its shard (1): only the leader polls the shard's accounts "
+            "and shows their values. A single process without --storage.url always leads.",
+            (Sample((("shard", str(self.shard)),), float(self.leader)),),
+        )
 
     # --- publishing ---
 

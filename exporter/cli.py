@@ -8,7 +8,8 @@ import logging
 import sys
 
 from exporter import build, logs
-from exporter.config import ConfigError, load_config
+from exporter.cluster import Shard, ShardError
+from exporter.config import ConfigError, load_config, parse_duration, read_secret_file
 from exporter.providers import ACCOUNT_MODELS
 from exporter.web import DEFAULT_PORT, ListenAddressError, parse_listen_address
 
@@ -57,6 +58,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="directory of the exporter's own state, created if missing (default: data/)",
     )
+    parser.add_argument(
+        "--storage.url",
+        dest="storage_url",
+        default=None,
+        help="postgresql://user@host:5432/db: the D7 ledger in PostgreSQL, shared by replicas, "
+        "which then elect a leader per shard (default: SQLite under --storage.path)",
+    )
+    parser.add_argument(
+        "--storage.password-file",
+        dest="storage_password_file",
+        default=None,
+        help="file holding the PostgreSQL password (or libpq's PGPASSWORD / PGPASSFILE)",
+    )
+    parser.add_argument(
+        "--cluster.shard",
+        dest="shard",
+        default="0/1",
+        help="I/N: poll the I-th of N shards of the accounts; auto/N takes I from a StatefulSet "
+        "pod's ordinal (default: %(default)s, every account)",
+    )
+    parser.add_argument(
+        "--cluster.lease",
+        dest="lease",
+        default="15s",
+        help="how soon a follower takes over from a leader that died (default: %(default)s)",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=logs.LEVELS, default="info")
     parser.add_argument(
         "--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt"
@@ -70,8 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="start the built-in provider simulators and poll them"
     )
-    parser.add_argument("--version", action="version", version=str(build.current()))
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     return parser.parse_args(argv)
+
+
+class _Version(argparse.Action):
+    """argparse's own version action re-wraps lines; this prints them as written."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(build.current())
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return 2
+    cluster = _cluster(args)
+    if isinstance(cluster, str):
+        print(f"whatsapp-exporter: {cluster}", file=sys.stderr)
+        return 2
     guard = None
     if args.web_config_file:
         from exporter.webconfig import WebConfigError, WebConfigWatcher, WebGuard  # noqa: PLC0415
@@ -115,10 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.config_check:
         print(f"{args.config_file}: OK, {len(config.accounts())} account(s)")
         return 0
-    return serve(load, config, args, storage_path, guard)
+    return serve(load, config, args, storage_path, guard, cluster)
 
 
-def serve(load, config, args: argparse.Namespace, storage_path: str, guard=None) -> int:
+def _cluster(args: argparse.Namespace) -> dict | str:
+    """The clustering flags as Exporter options, or the message that says what is wrong."""
+    try:
+        shard = Shard.parse(args.shard)
+        lease = parse_duration(args.lease)
+    except ValueError as exc:
+        return str(exc) if isinstance(exc, ShardError) else f"--cluster.lease: {exc}"
+    if (shard.count > 1 or args.shard.strip().startswith("auto")) and not args.storage_url:
+        return "--cluster.shard needs --storage.url: the shards' replicas share one database"
+    if lease < 3:
+        return "--cluster.lease: at least 3s (the leader confirms its lock every lease/3)"
+    password = None
+    if args.storage_password_file:
+        try:
+            password = read_secret_file(args.storage_password_file).get_secret_value()
+        except ValueError as exc:
+            return f"--storage.password-file: {exc}"
+    return {
+        "storage_url": args.storage_url,
+        "storage_password": password,
+        "shard": shard,
+        "lease": lease,
+    }
+
+
+def serve(load, config, args: argparse.Namespace, storage_path: str, guard, cluster: dict) -> int:
     from exporter.app import Exporter, run_until_stopped  # noqa: PLC0415 - keeps --config.check light
 
     exporter = Exporter(
@@ -129,5 +193,6 @@ def serve(load, config, args: argparse.Namespace, storage_path: str, guard=None)
         ingest_address=args.ingest_address,
         security=guard.current if guard else None,
         tls=guard.tls if guard else None,
+        **cluster,
     )
     return run_until_stopped(exporter.run(config), args.listen_address)
