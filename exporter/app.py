@@ -78,6 +78,7 @@ class Exporter:
         ingest_address: str | None = None,
         security: Callable[[], Security] | None = None,
         tls: Callable[[], Any] | None = None,
+        ingest_tls: Callable[[], Any] | None = None,
         build: builds.Build | None = None,
         storage_url: str | None = None,
         storage_password: str | None = None,
@@ -93,6 +94,7 @@ class Exporter:
         self._ingest_address = ingest_address
         self._security = security
         self._tls = tls
+        self._ingest_tls = ingest_tls
         self.build = build or builds.current()
         self._storage_url = storage_url
         self._storage_password = storage_password
@@ -139,6 +141,7 @@ class Exporter:
             ingest_address=self._ingest_address,
             **({"security": self._security} if self._security else {}),
             **({"tls": self._tls} if self._tls else {}),
+            **({"ingest_tls": self._ingest_tls} if self._ingest_tls else {}),
             status=self._status,
             config_view=lambda: redacted(self._config) if self._config else "",
         )

@@ -184,6 +184,9 @@ def _cluster(args: argparse.Namespace) -> dict | str:
 
 def serve(load, config, args: argparse.Namespace, storage_path: str, guard, cluster: dict) -> int:
     from exporter.app import Exporter, run_until_stopped  # noqa: PLC0415 - keeps --config.check light
+    from exporter.web import raise_open_files_limit  # noqa: PLC0415
+
+    raise_open_files_limit()
 
     exporter = Exporter(
         load,
@@ -193,6 +196,7 @@ def serve(load, config, args: argparse.Namespace, storage_path: str, guard, clus
         ingest_address=args.ingest_address,
         security=guard.current if guard else None,
         tls=guard.tls if guard else None,
+        ingest_tls=guard.ingest_tls if guard else None,
         **cluster,
     )
     return run_until_stopped(exporter.run(config), args.listen_address)

@@ -57,3 +57,17 @@ def setup(level: str = "info", fmt: str = "logfmt") -> None:
     # throttled job; that is the budget working, not news
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # a client that sends a malformed request is the client's problem: aiohttp says so at error
+    # level with a traceback, which would let anyone on the network fill the log
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrorsAreDebug())
+
+
+class _ClientErrorsAreDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("Error handling"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = (
+                record.exc_info if logging.getLogger().isEnabledFor(logging.DEBUG) else None
+            )
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True

@@ -15,11 +15,14 @@ a body within BODY_TIMEOUT, and at most MAX_CONNECTIONS are open per listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
+import resource
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -35,7 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 10467
 MAX_BODY = 1 << 20
 BACKLOG = 1024
-MAX_CONNECTIONS = 1024  # per listener; one more is closed at once
+MAX_CONNECTIONS = 1024  # per listener at most; one more is answered 503 and closed
+FD_RESERVE = 256  # descriptors kept for everything else: providers' connections, the ledger
+TLS_HANDSHAKE_TIMEOUT = 10.0
 HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
 BODY_TIMEOUT = 10.0  # seconds to send a declared body
 
@@ -114,6 +119,7 @@ class WebServer:
         ingest_address: str | None = None,
         security: Callable[[], Security] = _Open,
         tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+        ingest_tls: Callable[[], ssl.SSLContext | None] | None = None,
         status: Callable[[], Awaitable[Status]] | None = None,
         config_view: Callable[[], str] = lambda: "",
     ):
@@ -132,12 +138,15 @@ class WebServer:
         self._lifecycle = lifecycle
         self._security = security  # the current web config's auth and headers, re-read on change
         self._tls = tls
+        # the ingest listener: the same certificate, never client certificates (D7 has none)
+        self._ingest_tls = ingest_tls or tls
         self._status = status
         self._config_view = config_view
         self._latest: dict[Variant, tuple[int, bytes]] = {}  # newest body served per variant
         self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
         self.exposition_bytes = 0
         self._runners: list[web.AppRunner] = []
+        self._open: dict[str, int] = {}  # connections per listener, TLS handshakes included
         self._servers: list[asyncio.Server] = []
         self._sockets: dict[str, socket.socket] = {}
 
@@ -168,14 +177,38 @@ class WebServer:
             self._runners.append(runner)
             server = runner.server
             assert server is not None
+            tls = self._tls() if name == "main" else self._ingest_tls()
+            self._open[name] = 0
             self._servers.append(
                 await loop.create_server(
-                    functools.partial(_bounded, server),
+                    functools.partial(self._bounded, name, server),
                     sock=sock,
                     backlog=BACKLOG,
-                    ssl=self._tls(),
+                    ssl=tls,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
                 )
             )
+
+    def _bounded(self, listener: str, server: web.Server) -> asyncio.Protocol:
+        """aiohttp's protocol for a new connection, or past the capacity one that answers 503
+        and closes: an overloaded exporter says so instead of running out of descriptors, and
+        a flood on one listener never starves the other. Counted here, at accept, so a TLS
+        connection counts before (and whether or not) its handshake completes; released when
+        the protocol is gone."""
+        if self._open[listener] >= capacity(len(self._sockets)):
+            return _Refuse()
+        self._open[listener] += 1
+        released = [False]
+
+        def release() -> None:
+            if not released[0]:
+                released[0] = True
+                self._open[listener] -= 1
+
+        counted = _Counted(server(), release)
+        # a TLS handshake that fails never reaches connection_lost: the protocol's end does
+        weakref.finalize(counted, release)
+        return counted
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -328,12 +361,51 @@ async def _read_body(request: web.Request) -> bytes | Response:
         )
 
 
-def _bounded(server: web.Server) -> asyncio.Protocol:
-    """aiohttp's protocol for a new connection, or, past MAX_CONNECTIONS, one that answers 503
-    and closes: an overloaded exporter says so instead of queueing without end."""
-    if len(server.connections) >= MAX_CONNECTIONS:
-        return _Refuse()
-    return server()
+def capacity(listeners: int) -> int:
+    """Connections one listener may hold: MAX_CONNECTIONS, or fewer when the open-files limit
+    (a systemd unit's 1024, say) would run out first. Read at every accept, since the limit
+    can change under a running process."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // max(1, listeners)))
+
+
+def raise_open_files_limit() -> None:
+    """The soft limit up to the hard one, as Go's runtime does for every Go exporter."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol, with its end reported (aiohttp's has no weak references)."""
+
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]):
+        self._inner = inner
+        self._release = release
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._release()
 
 
 class _Refuse(asyncio.Protocol):

@@ -749,11 +749,17 @@ class WebGuard:
         self._watcher = watcher
         self._clock = clock
         self._context = watcher.config.ssl_context()
+        self._ingest_context = _without_client_certs(watcher.config.ssl_context())
         self._auth = BasicAuth(watcher.config.basic_auth_users)
         _log_notes(watcher.config.notes)
 
     def tls(self) -> ssl.SSLContext | None:
         return self._context
+
+    def ingest_tls(self) -> ssl.SSLContext | None:
+        """The ingest listener's: the same certificate, never a client certificate asked for,
+        since D7's callbacks cannot present one (the routes carry their own token)."""
+        return self._ingest_context
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -773,11 +779,19 @@ class WebGuard:
             return self
         self._auth = BasicAuth(reload.config.basic_auth_users)
         _log_notes((*reload.config.notes, *reload.config.update_ssl_context(self._context)))
+        reload.config.update_ssl_context(self._ingest_context)
+        _without_client_certs(self._ingest_context)
         log.info("web config reloaded")
         return self
 
     async def allowed(self, authorization: str | None) -> bool:
         return await self._auth.check(authorization)
+
+
+def _without_client_certs(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    if context is not None:
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _log_notes(notes: Iterable[str]) -> None:

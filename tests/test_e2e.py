@@ -283,3 +283,74 @@ def test_dashboards_have_data_and_a_disconnected_device_pages_and_resolves(stack
     print(f"alert fired after {took:.1f}s, resolved {time.monotonic() - began:.1f}s later")
     (resolved,) = receiver.alerts("WhatsAppDeviceDisconnected", "resolved")[:1]
     assert resolved["labels"]["device"] == DEVICE
+
+
+def test_prometheus_scrapes_the_exporter_over_https_with_basic_auth(tmp_path):
+    """Prometheus' own TLS and basic-auth client against the exporter's web config (issue #9):
+    the target is up with the right password and the test CA, down with a wrong password, and
+    the exporter's metrics are queryable."""
+    # imported here so the test appends to this file without touching its header
+    from tests.test_web_security import (  # noqa: PLC0415
+        PASSWORD,
+        USER,
+        finish,
+        launch,
+        secure_web_config,
+    )
+
+    prometheus = require_tool("prometheus", "prometheus")
+    web = secure_web_config(tmp_path / "pki")
+    exporter = launch(tmp_path / "exporter", f"--web.config.file={web}")
+    try:
+        job = {
+            "scheme": "https",
+            "tls_config": {"ca_file": str(tmp_path / "pki" / "ca.pem")},
+            "static_configs": [{"targets": [f"127.0.0.1:{exporter.port}"]}],
+        }
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                {"job_name": "tls", "basic_auth": {"username": USER, "password": PASSWORD}, **job},
+                {"job_name": "wrong", "basic_auth": {"username": USER, "password": "no"}, **job},
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        prom = started(
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            f"{url}/-/ready",
+            tmp_path / "prometheus.log",
+        )
+        try:
+            wait_for(lambda: query(url, 'up{job="tls"} == 1'), 30, "the first https scrape")
+            wait_for(lambda: query(url, 'up{job="wrong"} == 0'), 30, "the refused scrape")
+            targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]
+            health = {t["labels"]["job"]: t for t in targets["activeTargets"]}
+            assert health["tls"]["health"] == "up", health["tls"]
+            assert health["tls"]["scrapeUrl"].startswith("https://127.0.0.1:")
+            assert health["wrong"]["health"] == "down"
+            assert "401" in health["wrong"]["lastError"], health["wrong"]["lastError"]
+            (build,) = wait_for(
+                lambda: query(url, 'whatsapp_exporter_build_info{job="tls"}'), 10, "build_info"
+            )
+            assert build["metric"]["instance"] == f"127.0.0.1:{exporter.port}"
+            # the exporter's own count: Prometheus' scrapes were answered 200, the wrong one 401
+            wait_for(
+                lambda: query(
+                    url, 'whatsapp_exporter_http_requests_total{job="tls",code="401"} > 0'
+                ),
+                15,
+                "the refused scrapes in the exporter's request counter",
+            )
+            assert query(url, 'whatsapp_exporter_http_requests_total{job="tls",code="200"} > 0')
+        finally:
+            prom.terminate()
+            prom.wait(10)
+    finally:
+        finish(exporter)
