@@ -263,6 +263,8 @@ class Exporter:
                 storage_path=str(storage if legacy else storage / f"{name}.db"),
                 accounts=lambda name=name: self._accounts(name),
                 changed=lambda name=name: self._state_changed_from_any_thread(name),
+                storage_url=self._storage_url,
+                storage_password=self._storage_password,
             )
             self.states[name] = provider.open_state(context)
             self._refresh_state(name)

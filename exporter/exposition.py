@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
-from exporter.metrics import Family, Labels
+from exporter.metrics import TYPES, Family, Labels
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -96,3 +98,27 @@ def sample_lines(family: Family, prefix: Labels = ()) -> tuple[bytes, int]:
         braces = "{" + text + "}" if text else ""
         out.append(f"{family.name}{sample.suffix}{braces} {float_text(sample.value)}\n")
     return "".join(out).encode("utf-8", "replace"), dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A family's name, type and help, and its sample lines: written wherever the poll's work
+    runs (a worker thread), handed to the snapshot as bytes."""
+
+    family: Family  # without samples
+    lines: bytes
+    dropped: int  # samples that could not be written
+    valid: bool = True  # False: the family's name or type is unusable, nothing of it is shown
+
+
+def render(families: Iterable[Family], prefix: Labels = ()) -> list[Rendered]:
+    """Pure, so it may run off the event loop."""
+    out = []
+    for family in families:
+        header = replace(family, samples=())
+        if not valid_name(family.name) or family.type not in TYPES:
+            out.append(Rendered(header, b"", len(family.samples), valid=False))
+            continue
+        lines, dropped = sample_lines(family, prefix)
+        out.append(Rendered(header, lines, dropped))
+    return out

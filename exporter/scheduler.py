@@ -25,7 +25,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from exporter import __version__
 from exporter.config import AccountBase, ClientTLS, Config
-from exporter.providers.base import Api, Endpoint, PollError, Provider, scrub
+from exporter.exposition import Rendered, render
+from exporter.metrics import Labels
+from exporter.providers.base import ANSWERS, Api, Endpoint, PollError, Provider, scrub
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
 
@@ -49,6 +51,8 @@ class Poller:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     failing: dict[str, str] = field(default_factory=dict)  # target key -> reason, to log changes
     secrets: list[str] = field(default_factory=list)  # scrubbed from every error shown or logged
+    # (endpoint, target) -> digest of the newest answers of a pure endpoint
+    digests: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     @property
     def name(self) -> tuple[str, str]:
@@ -260,6 +264,9 @@ class Scheduler:
         if known is not None:
             for gone in set(known) - set(targets):
                 del known[gone]
+        listed = set(targets)
+        for gone in [k for k in poller.digests if k[0] == endpoint.name and k[1] not in listed]:
+            del poller.digests[gone]
         queue = iter(targets)
 
         async def worker() -> None:
@@ -278,9 +285,27 @@ class Scheduler:
         provider, account = poller.name
         key = TargetKey(provider, account, endpoint.name, target)
         started = time.monotonic()
+        answers: list[bytes] = []
+        token = ANSWERS.set(answers)
         try:
             result = await endpoint.fetch(poller.api, target)
-            families = endpoint.families(target, result)
+            digest = b"".join(answers) if endpoint.pure else None
+            took = time.monotonic() - started
+            if (
+                digest is None
+                or poller.digests.get((endpoint.name, target)) != digest
+                or not self.snapshot.unchanged(key, endpoint.interval, took)
+            ):
+                # translating and writing lines is the poll's CPU: off the loop, which keeps
+                # serving scrapes meanwhile (the snapshot gets bytes)
+                rendered = await asyncio.to_thread(
+                    _render,
+                    endpoint,
+                    target,
+                    result,
+                    (("provider", provider), ("account", account)),
+                )
+                self.snapshot.succeeded(key, endpoint.interval, rendered, took)
         except PollError as error:
             self._failed(poller, key, endpoint, error, time.monotonic() - started)
         except Exception as exc:
@@ -290,11 +315,14 @@ class Scheduler:
             log.debug("unexpected error while polling", exc_info=True)
             self._failed(poller, key, endpoint, error, time.monotonic() - started)
         else:
+            if digest is not None:
+                poller.digests[endpoint.name, target] = digest
             if known is not None:
                 known[target] = result
-            self.snapshot.succeeded(key, endpoint.interval, families, time.monotonic() - started)
             if poller.failing.pop(_tag(key), None):
                 log.info("poll recovered", extra={"fields": _fields(key)})
+        finally:
+            ANSWERS.reset(token)
 
     def _failed(
         self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float
@@ -309,6 +337,11 @@ class Scheduler:
             "poll failed",
             extra={"fields": {**_fields(key), "reason": error.reason, "error": error.detail}},
         )
+
+
+def _render(endpoint: Endpoint, target: str, result: Any, prefix: Labels) -> list[Rendered]:
+    """In a worker thread: pure functions of the result."""
+    return render(endpoint.families(target, result), prefix)
 
 
 def _tag(key: TargetKey) -> str:

@@ -23,11 +23,12 @@ from exporter.exposition import (
     EOF,
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
+    Rendered,
     header,
+    render,
     sample_lines,
-    valid_name,
 )
-from exporter.metrics import REASONS, TYPES, Family, Labels, Sample
+from exporter.metrics import REASONS, Family, Labels, Sample
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,11 @@ class Snapshot:
         )
 
     def succeeded(
-        self, key: TargetKey, interval: float, families: Iterable[Family], duration: float
+        self,
+        key: TargetKey,
+        interval: float,
+        families: Iterable[Family | Rendered],
+        duration: float,
     ) -> None:
         now = self._clock()
         state = TargetState(
@@ -257,6 +262,21 @@ class Snapshot:
             (("provider", key.provider), ("account", key.account)),
         )
         self._render_health(state)
+
+    def unchanged(self, key: TargetKey, interval: float, duration: float) -> bool:
+        """A success whose answer is byte for byte the previous one: only health is new. False
+        when the target has no values to keep (never succeeded, or gone stale): render then."""
+        old = self._targets.get(key)
+        if old is None or old.last_success is None or old.stale:
+            return False
+        now = self._clock()
+        state = TargetState(
+            key, interval, up=True, last_poll=now, last_success=now, duration=duration
+        )
+        self._targets[key] = state
+        self._remember(key, Poll(now, duration, ""))
+        self._render_health(state)
+        return True
 
     def failed(self, key: TargetKey, interval: float, error: PollFailure, duration: float) -> None:
         """Keep the target's last values (until they go stale), mark it down, count the reason."""
@@ -415,12 +435,20 @@ class Snapshot:
         block.openmetrics[member] = sample_lines(replace(_ERRORS, samples=interleaved))[0]
 
     def _put(
-        self, member: tuple[str, ...], families: Iterable[Family], prefix: Labels = ()
+        self,
+        member: tuple[str, ...],
+        families: Iterable[Family | Rendered],
+        prefix: Labels = (),
     ) -> None:
-        """Replace every line `member` has in the exposition with these families' samples."""
+        """Replace every line `member` has in the exposition with these families' samples
+        (families are rendered here; a poll hands them over rendered already)."""
+        families = list(families)
+        items = [f for f in families if isinstance(f, Rendered)]
+        items += render([f for f in families if not isinstance(f, Rendered)], prefix)
         rendered: dict[str, bytes] = {}
-        for fam in families:
-            if not valid_name(fam.name) or fam.type not in TYPES:
+        for item in items:
+            fam = item.family
+            if not item.valid:
                 self._clash(fam, "dropping a metric family with an invalid name or type")
                 continue
             block = self._blocks.get(fam.name)
@@ -431,17 +459,16 @@ class Snapshot:
                     block.family.type,
                 )
                 continue
-            lines, dropped = sample_lines(fam, prefix)
-            if dropped:
-                self._dropped(fam, dropped)
-            if not lines:
+            if item.dropped:
+                self._dropped(fam, item.dropped)
+            if not item.lines:
                 continue
             if block is None:
-                block = self._blocks[fam.name] = _Block(replace(fam, samples=()))
+                block = self._blocks[fam.name] = _Block(fam)
                 self._names = None
             if member not in block.members:
                 block.order = None
-            rendered[fam.name] = rendered.get(fam.name, b"") + lines
+            rendered[fam.name] = rendered.get(fam.name, b"") + item.lines
             block.members[member] = rendered[fam.name]
         for name in self._owned.get(member, set()) - set(rendered):
             block = self._blocks[name]

@@ -139,13 +139,13 @@ def test_a_newer_generation_is_never_replaced_by_an_older_one():
 
 
 def test_one_target_change_rewrites_only_that_targets_lines(monkeypatch):
-    from exporter import snapshot as snapshot_module  # noqa: PLC0415
+    from exporter import exposition as exposition_module  # noqa: PLC0415
 
     snapshot = _snapshot_with([f"v{i}" for i in range(5)])
     written = []
-    original = snapshot_module.sample_lines
+    original = exposition_module.sample_lines
     monkeypatch.setattr(
-        snapshot_module,
+        exposition_module,
         "sample_lines",
         lambda fam, prefix=(): written.append(fam.name) or original(fam, prefix),
     )
@@ -176,3 +176,38 @@ def test_one_target_change_rewrites_only_that_targets_lines(monkeypatch):
         in text
     )
     assert text.count("whatsapp_client_events_total{") == 4  # the changed target dropped its own
+
+
+def test_an_answer_seen_before_is_not_translated_again_and_a_new_one_is(monkeypatch):
+    """Kaleyra with no ticks answers the same bytes every poll: after the first, only health
+    lines are written; a changed answer is translated and shown."""
+    import httpx  # noqa: PLC0415
+
+    from exporter import exposition as exposition_module  # noqa: PLC0415
+    from exporter.simulator import Fault, KaleyraSimulator  # noqa: PLC0415
+    from tests.conftest import run_exporter, value, wait_for  # noqa: PLC0415
+
+    written: list[str] = []
+    original = exposition_module.sample_lines
+    monkeypatch.setattr(
+        exposition_module,
+        "sample_lines",
+        lambda fam, prefix=(): written.append(fam.name) or original(fam, prefix),
+    )
+    number = "+12025550100"
+    with KaleyraSimulator(numbers=[number], auto=False) as sim:
+        config = f"kaleyra: [{{account: k, base_url: '{sim.base_url}', numbers: ['{number}'],"
+        config += " interval: 0.3s, rate_limit: 100/s}]"
+        with run_exporter(config) as running:
+            wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 10, "ready")
+            polls = len(sim.requests)
+            written.clear()
+            wait_for(lambda: len(sim.requests) >= polls + 3, 10, "three more polls")
+            client = [name for name in written if name.startswith("whatsapp_client_")]
+            assert client == [], "an unchanged answer was translated again"
+            assert "whatsapp_exporter_up" in written  # its health is new each time
+            changed = {"stats": {"app": {"fresh": {"type": "gauge", "data": [{"value": 7}]}}}}
+            sim.fail("*", Fault.status(200, changed))
+            shown = running.wait_for_metric("whatsapp_client_app_fresh", number=number)
+            assert shown == 7
+            assert value(running.scrape(), "whatsapp_client_app_callback_queue_size") is None

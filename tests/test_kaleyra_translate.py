@@ -721,12 +721,15 @@ def test_answers_without_stats_are_bad_responses(body: Any, message: str) -> Non
     )
 
 
-def test_the_result_is_read_only() -> None:
-    result = monitor_stats(json.loads(SEED))
+def test_the_result_is_a_read_only_view_never_a_deep_copy() -> None:
+    """Freezing the answer deeply cost a fifth of the exporter's CPU at 1,000 numbers; it is read
+    once by translate and dropped, so the result is a read-only view of it, not a copy."""
+    body = json.loads(SEED)
+    result = monitor_stats(body)
     assert isinstance(result, MonitorStats)
     with pytest.raises(TypeError):
-        result.stats["app"]["callback_queue_size"]["help"] = "changed"
-    assert isinstance(result.stats["app"]["callback_queue_size"]["data"], tuple)
+        result.stats["app"] = {}
+    assert result.stats["app"] is body["RESPONSE"]["data"]["stats"]["app"]
 
 
 # --- provider errors ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from exporter import exposition as exposition_module
 from exporter import snapshot as snapshot_module
 from exporter.simulator import Fault
 from exporter.simulator.betatel import BetatelSimulator
@@ -121,10 +122,10 @@ def test_ready_only_after_the_first_polls(sims):
 def test_scrapes_never_render(sims, monkeypatch):
     """Lines are written when a poll lands; a scrape joins (once per variant) what is there."""
     renders, joins = [], []
-    original_lines = snapshot_module.sample_lines
+    original_lines = exposition_module.sample_lines
     original_compute = snapshot_module.Exposition.compute
     monkeypatch.setattr(
-        snapshot_module, "sample_lines", lambda *a: renders.append(1) or original_lines(*a)
+        exposition_module, "sample_lines", lambda *a: renders.append(1) or original_lines(*a)
     )
     monkeypatch.setattr(
         snapshot_module.Exposition,

@@ -9,7 +9,9 @@ API means.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
+import hashlib
 import json
 import re
 import ssl
@@ -136,10 +138,18 @@ _BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def load_json(content: bytes) -> Any:
-    """json.loads, refusing deep nesting; raises ValueError for anything that is no JSON."""
+    """json.loads, refusing nesting deeper than any request to the exporter needs (ingest,
+    webhooks); raises ValueError for anything that is no JSON."""
     if json_depth(content) > MAX_DEPTH:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     return json.loads(content)
+
+
+# The answers of the poll running in this task, as digests: a poll of a pure endpoint whose
+# answers are byte for byte the last ones needs no new lines. Set per target by the scheduler.
+ANSWERS: contextvars.ContextVar[list[bytes] | None] = contextvars.ContextVar(
+    "answers", default=None
+)
 
 
 class Api:
@@ -192,6 +202,11 @@ class Api:
                 raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
             except ssl.SSLError as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
                 raise PollError("connect", f"TLS: {exc.reason or exc}") from None
+        seen = ANSWERS.get()
+        if seen is not None:
+            digest = hashlib.blake2b(answered.content, digest_size=16)
+            digest.update(answered.status.to_bytes(2, "big"))
+            seen.append(digest.digest())
         return await self._interpret(answered)
 
     async def _read(self, request: httpx.Request) -> Answered:
@@ -215,11 +230,11 @@ class Api:
         status, content = answered.status, answered.content
         body: Any = None
         if content:
-            try:
+            try:  # json.loads' own recursion guard stops a hostile nesting (RecursionError)
                 if len(content) > PARSE_IN_THREAD:
-                    body = await asyncio.to_thread(load_json, content)
+                    body = await asyncio.to_thread(json.loads, content)
                 else:
-                    body = load_json(content)
+                    body = json.loads(content)
             except (ValueError, RecursionError):
                 body = _NOT_JSON
         message = self._provider_error(body) if body is not _NOT_JSON else None
@@ -268,6 +283,9 @@ class Endpoint:
     fetch: Callable[[Api, str], Awaitable[Any]]
     families: Callable[[str, Any], Sequence[Family]]
     remember: bool = False  # keep the newest results in `Known`, for other endpoints' targets
+    # families depend only on the target and the answers' bytes (not on the time of the poll):
+    # when the answers are the previous ones, the lines are too, and nothing is translated
+    pure: bool = False
 
 
 def account_wide(known: Known) -> Sequence[str]:
@@ -286,9 +304,11 @@ class ProviderStateError(Exception):
 class StateContext:
     """What the exporter hands a provider when it opens the provider's own state."""
 
-    storage_path: str
+    storage_path: str  # this provider's own file under --storage.path
     accounts: Callable[[], Mapping[str, Any]]  # the running config's accounts of this provider
     changed: Callable[[], None]  # thread-safe: the state's families changed
+    storage_url: str | None = None  # a database replicas share (--storage.url), if any
+    storage_password: str | None = None
 
 
 class ProviderState(Protocol):

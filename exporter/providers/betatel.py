@@ -197,6 +197,7 @@ def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpo
             functools.partial(window_targets, account),
             functools.partial(fetch_stats, account),
             stats_families,
+            pure=True,
         )
     ]
 

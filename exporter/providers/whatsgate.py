@@ -293,6 +293,7 @@ def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpo
             functools.partial(fetch_devices, account),
             devices_families,
             remember=True,  # the per-device endpoints poll the devices it lists
+            pure=True,
         ),
         Endpoint(
             "balance",
@@ -300,6 +301,7 @@ def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpo
             targets,
             fetch_balance,
             balance_families,
+            pure=True,
         ),
         Endpoint(
             "failed_numbers",
