@@ -10,6 +10,7 @@ they happened to. Everything here runs on the event loop, the snapshot's only wr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import random
@@ -83,6 +84,9 @@ class Scheduler:
         # one TLS context per distinct `tls` setting: each would otherwise load the CA bundle
         # again (~1 MB and ~20 ms of CPU per account)
         self._tls: dict[ClientTLS, ssl.SSLContext] = {}
+        # one thread translates and writes every poll's lines: the interpreter lock makes more
+        # no faster, and each thread costs its own malloc arena (tens of MB of RSS)
+        self._renderer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
 
     @property
     def ready(self) -> bool:
@@ -128,6 +132,7 @@ class Scheduler:
         for poller in list(self._pollers.values()):
             await self._stop_poller(poller)
         self._pollers.clear()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
     # --- account lifecycle ---
 
