@@ -18,6 +18,7 @@ WORKDIR /src
 # only what the package build reads (.dockerignore keeps the rest out of the context)
 COPY pyproject.toml README.md ./
 COPY exporter/ exporter/
+COPY simulators/ simulators/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # ---- runtime: the wheels installed into a clean base, no compiler, no caches -----------------

@@ -19,7 +19,7 @@ import httpx
 from exporter.app import Exporter, run_until_stopped
 from exporter.config import Config, parse_config
 from exporter.providers import ACCOUNT_MODELS
-from exporter.simulator import SIMULATORS, Simulator
+from simulators import SIMULATORS, Simulator
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from exporter.simulator import Fault
-from exporter.simulator.betatel import BetatelSimulator
-from exporter.simulator.kaleyra import KaleyraSimulator
+from simulators import Fault
+from simulators.betatel import BetatelSimulator
+from simulators.kaleyra import KaleyraSimulator
 from tests.conftest import run_exporter, value, values, wait_for
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.simulator.whatsgate import WhatsGateSimulator
+from simulators.whatsgate import WhatsGateSimulator
 from tests.conftest import parse_exposition, require_tool, value, wait_for
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.simulator import D7Simulator
+from simulators import D7Simulator
 
 try:
     import direct7

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from exporter.providers.kaleyra import monitor_stats, translate
-from exporter.simulator.kaleyra import KaleyraSimulator
 from mixin import dashboards as mixin_boards
+from simulators.kaleyra import KaleyraSimulator
 from tests.conftest import GOLDEN, ROOT, parse_exposition, require_tool
 
 GRAFANA = ROOT / "grafana"

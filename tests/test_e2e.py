@@ -24,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from exporter.simulator import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
 from mixin.dashboards import panel_queries
+from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import ROOT, require_tool, run_exporter, wait_for
 
 DEVICE = "15550000002"

@@ -184,7 +184,7 @@ def test_an_answer_seen_before_is_not_translated_again_and_a_new_one_is(monkeypa
     import httpx  # noqa: PLC0415
 
     from exporter import exposition as exposition_module  # noqa: PLC0415
-    from exporter.simulator import Fault, KaleyraSimulator  # noqa: PLC0415
+    from simulators import Fault, KaleyraSimulator  # noqa: PLC0415
     from tests.conftest import run_exporter, value, wait_for  # noqa: PLC0415
 
     written: list[str] = []

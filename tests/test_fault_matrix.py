@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from exporter.simulator import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
+from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import Series, parse_exposition, require_tool, values, wait_for
 from tests.faultserver import (
     AUTH,

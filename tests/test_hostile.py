@@ -17,7 +17,7 @@ from exporter.providers.base import Api, PollError, scrub
 from exporter.providers.d7.ledger import LedgerError
 from exporter.providers.kaleyra import monitor_stats, translate
 from exporter.ratelimit import RequestBudget
-from exporter.simulator import D7Simulator, Fault, KaleyraSimulator, WhatsGateSimulator
+from simulators import D7Simulator, Fault, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import run_exporter, value, wait_for
 from tests.test_d7 import AUTH, config, hand_in, tracked
 

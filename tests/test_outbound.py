@@ -13,7 +13,7 @@ import pytest
 
 from exporter.config import ConfigError, parse_config
 from exporter.providers import ACCOUNT_MODELS
-from exporter.simulator import KaleyraSimulator
+from simulators import KaleyraSimulator
 from tests.conftest import run_exporter, value, wait_for
 from tests.test_webconfig import pki  # noqa: F401 - the fixture: a CA, server and client certs
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from exporter.ratelimit import RequestBudget
-from exporter.simulator import Fault, WhatsGateSimulator
+from simulators import Fault, WhatsGateSimulator
 from tests.conftest import run_exporter, wait_for
 
 

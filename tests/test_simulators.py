@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from exporter.simulator import (
+from simulators import (
     SIMULATORS,
     BetatelSimulator,
     D7Simulator,
@@ -31,7 +31,7 @@ from exporter.simulator import (
     Simulator,
     WhatsGateSimulator,
 )
-from exporter.simulator.__main__ import main as simulator_main
+from simulators.__main__ import main as simulator_main
 
 ROOT = Path(__file__).resolve().parent.parent
 # One pooled client for plain-HTTP loopback calls: building a verifying client costs ~50 ms.
@@ -1581,7 +1581,7 @@ def test_cli_serves_all_providers_and_stops_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "exporter.simulator",
+            "simulators",
             "--provider",
             "all",
             "--port",

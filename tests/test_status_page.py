@@ -10,7 +10,7 @@ import tempfile
 
 import httpx
 
-from exporter.simulator import BetatelSimulator, Fault, KaleyraSimulator
+from simulators import BetatelSimulator, Fault, KaleyraSimulator
 from tests.conftest import ROOT, require_tool, run_exporter, wait_for
 
 ARTIFACTS = ROOT / "test-artifacts"

@@ -12,10 +12,10 @@ import pytest
 
 from exporter import exposition as exposition_module
 from exporter import snapshot as snapshot_module
-from exporter.simulator import Fault
-from exporter.simulator.betatel import BetatelSimulator
-from exporter.simulator.kaleyra import KaleyraSimulator
-from exporter.simulator.whatsgate import WhatsGateSimulator
+from simulators import Fault
+from simulators.betatel import BetatelSimulator
+from simulators.kaleyra import KaleyraSimulator
+from simulators.whatsgate import WhatsGateSimulator
 from tests.conftest import parse_exposition, require_tool, run_exporter, value, wait_for
 
 

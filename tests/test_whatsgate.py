@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 
-from exporter.simulator import Fault, WhatsGateSimulator
+from simulators import Fault, WhatsGateSimulator
 from tests.conftest import run_exporter, value, wait_for
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exporter.simulator.server import (
+from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
     Response,

@@ -1,7 +1,7 @@
 """Runs provider simulators in the foreground, for a person or an end-to-end test to point at.
 
-python -m exporter.simulator --provider whatsgate --port 8081
-python -m exporter.simulator --provider all --port 8081 --set whatsgate.rate_limit=120
+python -m simulators --provider whatsgate --port 8081
+python -m simulators --provider all --port 8081 --set whatsgate.rate_limit=120
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any, NoReturn
 
-from exporter.simulator import SIMULATORS, Simulator
+from simulators import SIMULATORS, Simulator
 
 
 def _port(text: str) -> int:
@@ -54,7 +54,7 @@ def _option(text: str) -> tuple[str | None, str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m exporter.simulator",
+        prog="python -m simulators",
         description="Serve simulated WhatsApp gateway provider APIs on loopback.",
     )
     parser.add_argument(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from exporter.simulator.server import (
+from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
     Response,

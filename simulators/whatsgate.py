@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from exporter.simulator.server import (
+from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
     Response,

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-log = logging.getLogger("exporter.simulator")
+log = logging.getLogger("simulators")
 
 MAX_BODY = 1 << 20
 REQUEST_LOG_SIZE = 50_000

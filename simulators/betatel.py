@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from exporter.simulator.server import (
+from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
     Response,

@@ -5,11 +5,11 @@ real loopback HTTP, with injectable faults and a request log. Stdlib only, so th
 dependencies never leak in.
 """
 
-from exporter.simulator.betatel import BetatelSimulator
-from exporter.simulator.d7 import D7Simulator
-from exporter.simulator.kaleyra import KaleyraSimulator
-from exporter.simulator.server import Fault, RecordedRequest, Simulator
-from exporter.simulator.whatsgate import WhatsGateSimulator
+from simulators.betatel import BetatelSimulator
+from simulators.d7 import D7Simulator
+from simulators.kaleyra import KaleyraSimulator
+from simulators.server import Fault, RecordedRequest, Simulator
+from simulators.whatsgate import WhatsGateSimulator
 
 SIMULATORS: dict[str, type[Simulator]] = {
     "whatsgate": WhatsGateSimulator,
