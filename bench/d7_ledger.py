@@ -12,13 +12,22 @@ real subprocess on a temporary `--storage.path`, fed over its real ingest API (`
 50 ids. Bookkeeping is then timed in-process (`Ledger.due` + `Ledger.record`) on consistent
 copies of the exporter's own ledger file, taken at 1,000 ids and at the full size.
 
+Then the same on PostgreSQL, the ledger replicas share, against SQLite: a server started as the
+tests start it (tests/postgres.py), but with PostgreSQL's durable defaults, as SQLite's
+`synchronous=FULL` is. The exporter has no `--storage.url` to be fed through yet, so both are
+driven in-process through the Ledger API: ingest by `Ledger.add`, 1,000 ids a call, into an
+empty ledger on each; bookkeeping as above, each cycle on a fresh copy of the database
+(`CREATE DATABASE ... TEMPLATE`) taken at 1,000 ids and at the full size.
+
     python bench/d7_ledger.py            # 100,000 ids
     python bench/d7_ledger.py --ids 20000
+    python bench/d7_ledger.py --no-postgres
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import signal
@@ -29,14 +38,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, run as a script
+
 from exporter.providers.d7 import Account
-from exporter.providers.d7.ledger import Due, Ledger, MessageUpdate, Schedule
-from exporter.simulator import D7Simulator
+from exporter.providers.d7.ledger import Due, Ledger, MessageUpdate, Schedule, open_ledger
+from simulators import D7Simulator
+from tests import postgres
 
 ACCOUNT = "bench"
 INGEST_TOKEN = "bench-ingest-token"
@@ -66,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         "--cycles", type=int, default=20, help="bookkeeping cycles timed per size (default 20)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="SQLite only: no PostgreSQL comparison"
+    )
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows even when piped
     if args.ids < BATCH:
         parser.error(f"--ids must be at least {BATCH}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-d7-ledger-"))
     try:
-        return run(args.ids, args.cycles, workdir)
+        return run(args.ids, args.cycles, workdir, postgresql=not args.no_postgres)
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -80,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(total: int, cycles: int, workdir: Path) -> int:
+def run(total: int, cycles: int, workdir: Path, *, postgresql: bool = True) -> int:
     began = time.monotonic()
     results: list[tuple[bool, str]] = []
     with D7Simulator(auto=False, index_delay=0, seed=1) as sim:
@@ -146,38 +162,11 @@ def run(total: int, cycles: int, workdir: Path) -> int:
 
     print()
     print(f"bookkeeping per cycle, in-process on copies of the exporter's file ({cycles} cycles):")
-    opened = {}
-    for label, path in ((BASELINE_IDS, small_copy), (total, full_copy)):
-        started = time.perf_counter()
-        Ledger(path).close()
-        opened[label] = time.perf_counter() - started
-    print(
-        f"  opening the ledger (loading totals): {BASELINE_IDS} ids {ms(opened[BASELINE_IDS])}; "
-        f"{total} ids {ms(opened[total])} (x{opened[total] / opened[BASELINE_IDS]:.1f})"
+    sqlite_cycles = bookkeeping_report(
+        "SQLite", SQLiteCopies(small_copy), SQLiteCopies(full_copy), total, cycles, results
     )
-    for size in CYCLE_SIZES:
-        small = bookkeeping(small_copy, size, cycles)
-        full = bookkeeping(full_copy, size, cycles)
-        for what in ("due", "record", "cycle"):
-            print(
-                f"  {size:>5} ids a cycle, {what:>6}: {BASELINE_IDS} ids {summary(small[what])}; "
-                f"{total} ids {summary(full[what])}{ratio(full[what], small[what])}"
-            )
-        idle_small, idle_full = idle(small_copy, cycles), idle(full_copy, cycles)
-        if size == CYCLE_SIZES[0]:
-            print(
-                f"  idle cycle (nothing due: due + expire_old): {BASELINE_IDS} ids "
-                f"{summary(idle_small)}; {total} ids {summary(idle_full)}"
-                f"{ratio(idle_full, idle_small)}"
-            )
-        worst = max(full["cycle"])
-        results.append(
-            (
-                worst < CYCLE_LIMIT_S,
-                f"bookkeeping: slowest cycle of {size} ids with {total} in the ledger "
-                f"{ms(worst)} (target < {CYCLE_LIMIT_S:.0f} s)",
-            )
-        )
+    if postgresql:
+        compare_postgresql(total, cycles, workdir, sqlite_cycles, results)
 
     print()
     for passed, line in results:
@@ -330,29 +319,65 @@ class Exporter:
 # --- bookkeeping, in-process ------------------------------------------------------------------
 
 
-def bookkeeping(path: Path, size: int, cycles: int) -> dict[str, list[float]]:
-    """`cycles` poll cycles (due + record), each on a fresh copy of `path`, so every cycle
-    starts from the same ledger and a small one never runs out of due ids."""
+def bookkeeping_report(
+    backend: str,
+    small: Copies,
+    full: Copies,
+    total: int,
+    cycles: int,
+    results: list[tuple[bool, str]],
+) -> dict[int, list[float]]:
+    """Prints opening, cycles of each size and an idle cycle at 1,000 ids and at `total`;
+    returns the full ledger's cycle times by size."""
+    opened = {label: copies.opening() for label, copies in ((BASELINE_IDS, small), (total, full))}
+    print(
+        f"  opening the ledger (loading totals): {BASELINE_IDS} ids {ms(opened[BASELINE_IDS])}; "
+        f"{total} ids {ms(opened[total])} (x{opened[total] / opened[BASELINE_IDS]:.1f})"
+    )
+    worst = {}
+    for size in CYCLE_SIZES:
+        at_small = bookkeeping(small, size, cycles)
+        at_full = bookkeeping(full, size, cycles)
+        for what in ("due", "record", "cycle"):
+            print(
+                f"  {size:>5} ids a cycle, {what:>6}: {BASELINE_IDS} ids "
+                f"{summary(at_small[what])}; {total} ids {summary(at_full[what])}"
+                f"{ratio(at_full[what], at_small[what])}"
+            )
+        if size == CYCLE_SIZES[0]:
+            idle_small, idle_full = idle(small, cycles), idle(full, cycles)
+            print(
+                f"  idle cycle (nothing due: due + expire_old): {BASELINE_IDS} ids "
+                f"{summary(idle_small)}; {total} ids {summary(idle_full)}"
+                f"{ratio(idle_full, idle_small)}"
+            )
+        worst[size] = at_full["cycle"]
+        results.append(
+            (
+                max(at_full["cycle"]) < CYCLE_LIMIT_S,
+                f"bookkeeping on {backend}: slowest cycle of {size} ids with {total} in the "
+                f"ledger {ms(max(at_full['cycle']))} (target < {CYCLE_LIMIT_S:.0f} s)",
+            )
+        )
+    return worst
+
+
+def bookkeeping(copies: Copies, size: int, cycles: int) -> dict[str, list[float]]:
+    """`cycles` poll cycles (due + record), each on a fresh copy, so every cycle starts from
+    the same ledger and a small one never runs out of due ids."""
     schedule = account_schedule()
     rng = random.Random(size)
     statuses = [status for status, weight in ANSWERS for _ in range(weight)]
     times: dict[str, list[float]] = {"due": [], "record": [], "cycle": []}
-    copy = path.with_name(f"{path.stem}-work.db")
     for _ in range(cycles):
-        shutil.copyfile(path, copy)
-        ledger = Ledger(copy)
-        try:
+        with copies.fresh() as ledger:
             started = time.perf_counter()
             due = ledger.due(ACCOUNT, size)
             chose = time.perf_counter()
             ledger.record(ACCOUNT, [answer(d, rng.choice(statuses)) for d in due], schedule)
             done = time.perf_counter()
-        finally:
-            ledger.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{copy}{suffix}").unlink(missing_ok=True)
         if len(due) < size:
-            raise SystemExit(f"only {len(due)} of {size} ids were due in {path}")
+            raise SystemExit(f"only {len(due)} of {size} ids were due in {copies}")
         times["due"].append(chose - started)
         times["record"].append(done - chose)
         times["cycle"].append(done - started)
@@ -378,21 +403,156 @@ def answer(due: Due, status: str | None) -> tuple[Due, list[MessageUpdate] | Non
     return due, [update], None
 
 
-def idle(path: Path, cycles: int) -> list[float]:
+def idle(copies: Copies, cycles: int) -> list[float]:
     """A cycle with nothing due: one `due` that finds nothing, then `expire_old`."""
-    ledger = Ledger(path, clock=lambda: 0.0)  # at time 0 nothing is due yet
     schedule = account_schedule()
     times = []
-    try:
+    with copies.original(clock=lambda: 0.0) as ledger:  # at time 0 nothing is due yet
         for _ in range(cycles):
             started = time.perf_counter()
             if ledger.due(ACCOUNT, CYCLE_SIZES[0]):
                 raise SystemExit("ids were due at time 0")
             ledger.expire_old(ACCOUNT, schedule)
             times.append(time.perf_counter() - started)
+    return times
+
+
+# --- the ledger on each backend ---------------------------------------------------------------
+
+
+class Copies:
+    """One ledger, opened as it is (`original`) or as a fresh copy to change (`fresh`)."""
+
+    location: str  # a SQLite path or a PostgreSQL URL, as open_ledger takes it
+
+    def original(self, clock: Callable[[], float] = time.time) -> contextlib.closing[Ledger]:
+        return contextlib.closing(open_ledger(self.location, clock=clock))
+
+    def fresh(self) -> contextlib.AbstractContextManager[Ledger]:
+        raise NotImplementedError
+
+    def opening(self) -> float:
+        started = time.perf_counter()
+        with self.original():
+            return time.perf_counter() - started
+
+
+class SQLiteCopies(Copies):
+    def __init__(self, path: Path):
+        self.path = path
+        self.location = str(path)
+
+    def __str__(self) -> str:
+        return self.location
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[Ledger]:
+        copy = self.path.with_name(f"{self.path.stem}-work.db")
+        shutil.copyfile(self.path, copy)
+        try:
+            with SQLiteCopies(copy).original() as ledger:
+                yield ledger
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{copy}{suffix}").unlink(missing_ok=True)
+
+
+class PostgresCopies(Copies):
+    def __init__(self, server: postgres.Server, database: str):
+        self.server = server
+        self.database = database
+        self.location = server.url(database)
+
+    def __str__(self) -> str:
+        return f"database {self.database}"
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[Ledger]:
+        copy = f"{self.database}_work"
+        self.server.admin(
+            f"CREATE DATABASE {copy} TEMPLATE {self.database} OWNER {postgres.USER}"
+            " STRATEGY FILE_COPY"
+        )
+        try:
+            with PostgresCopies(self.server, copy).original() as ledger:
+                yield ledger
+        finally:
+            self.server.drop_database(copy)
+
+
+def compare_postgresql(
+    total: int,
+    cycles: int,
+    workdir: Path,
+    sqlite_cycles: dict[int, list[float]],
+    results: list[tuple[bool, str]],
+) -> None:
+    print()
+    started = time.perf_counter()
+    with postgres.running(durable=True) as server:
+        version = server.admin("SHOW server_version")[0][0]
+        print(
+            f"PostgreSQL {version} against SQLite, in-process through the Ledger API (server "
+            f"started in {time.perf_counter() - started:.1f} s; fsync and synchronous_commit on):"
+        )
+        database = server.create_database()
+        url = server.url(database)
+
+        def copy_at_baseline() -> None:  # a template database may have no session open
+            server.admin(
+                f"CREATE DATABASE {database}_small TEMPLATE {database} OWNER {postgres.USER}"
+                " STRATEGY FILE_COPY"
+            )
+
+        ingested = {
+            "SQLite": ingest(lambda: Ledger(workdir / "ingest.db"), total, lambda: None),
+            "PostgreSQL": ingest(lambda: open_ledger(url), total, copy_at_baseline),
+        }
+        for backend, (rate, calls) in ingested.items():
+            print(
+                f"  ingest, {backend:>10}: {total} ids by Ledger.add, {BATCH} a call; after the "
+                f"first: {rate:,.0f} ids/s; per call median {ms(statistics.median(calls))}, "
+                f"max {ms(max(calls))}"
+            )
+        sqlite_rate, pg_rate = ingested["SQLite"][0], ingested["PostgreSQL"][0]
+        print(f"  ingest, PostgreSQL / SQLite: x{pg_rate / sqlite_rate:.2f}")
+        print(f"bookkeeping per cycle on PostgreSQL, in-process on copies ({cycles} cycles):")
+        pg_cycles = bookkeeping_report(
+            "PostgreSQL",
+            PostgresCopies(server, f"{database}_small"),
+            PostgresCopies(server, database),
+            total,
+            cycles,
+            results,
+        )
+    for size in CYCLE_SIZES:
+        print(
+            f"  {size:>5} ids a cycle with {total} ids, PostgreSQL / SQLite median: "
+            f"x{statistics.median(pg_cycles[size]) / statistics.median(sqlite_cycles[size]):.2f}"
+        )
+
+
+def ingest(
+    open_ledger_: Callable[[], Ledger], total: int, at_baseline: Callable[[], None]
+) -> tuple[float, list[float]]:
+    """`total` new ids into an empty ledger; returns ids/s after the first call and each call's
+    time. After the first call the ledger is closed, `at_baseline` runs, and it is opened again."""
+    schedule = account_schedule()
+    ids = [f"bench-{index:07d}" for index in range(total)]
+    calls = []
+    ledger = open_ledger_()
+    try:
+        for start in range(0, total, BATCH):
+            began = time.perf_counter()
+            ledger.add(ACCOUNT, ids[start : start + BATCH], schedule)
+            calls.append(time.perf_counter() - began)
+            if start == 0:
+                ledger.close()
+                at_baseline()
+                ledger = open_ledger_()
     finally:
         ledger.close()
-    return times
+    return (total - BATCH) / sum(calls[1:]), calls
 
 
 # --- printing ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from exporter.providers.d7.ledger import IMPLIES
-from exporter.simulator import D7Simulator, Fault
+from simulators import D7Simulator, Fault
 from tests.conftest import Series, parse_exposition, values, wait_for
 
 ACCOUNT = "dur"

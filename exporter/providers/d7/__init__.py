@@ -42,6 +42,7 @@ from exporter.providers.d7.ledger import (
     LedgerError,
     MessageUpdate,
     Totals,
+    open_ledger,
 )
 from exporter.routing import Route
 
@@ -280,9 +281,12 @@ class Tracking:
     its totals changed through `changed`, which hands over to the loop."""
 
     def __init__(self, context: StateContext):
-        _adopt_the_old_ledger(Path(context.storage_path))
+        if context.storage_url is None:
+            _adopt_the_old_ledger(Path(context.storage_path))
         try:
-            self.ledger = Ledger(context.storage_path)
+            self.ledger = open_ledger(
+                context.storage_url or context.storage_path, password=context.storage_password
+            )
         except LedgerError as exc:
             raise ProviderStateError(str(exc)) from None
         self.ledger.on_change(context.changed)

@@ -1,0 +1,303 @@
+"""Where the D7 ledger keeps its rows: a SQLite file, or a PostgreSQL database that replicas share.
+
+The ledger's rules are written once (ledger.py) against a `Store`, which says only what differs:
+how a statement is sent, how a write transaction starts (SQLite: `BEGIN IMMEDIATE`, one writer
+for the whole file; PostgreSQL: `BEGIN` and an advisory lock that serialises the writers of one
+account across every replica), the column types, and where request states are counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS requests (
+    account TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    accepted_at {real} NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    next_poll_at {real} NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_found_since {real},
+    finished_at {real},
+    sent_at {real},
+    PRIMARY KEY (account, request_id)
+){table_options}""",
+    "CREATE INDEX IF NOT EXISTS requests_due ON requests (account, next_poll_at)"
+    " WHERE state = 'pending'",
+    "CREATE INDEX IF NOT EXISTS requests_age ON requests (state, accepted_at)",
+    "CREATE INDEX IF NOT EXISTS requests_finished ON requests (account, finished_at)"
+    " WHERE state != 'pending'",
+    """CREATE TABLE IF NOT EXISTS messages (
+    account TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reached TEXT NOT NULL,
+    delivered_at {real},
+    PRIMARY KEY (account, request_id, msg_id)
+){table_options}""",
+    """CREATE TABLE IF NOT EXISTS message_counts (
+    account TEXT NOT NULL,
+    status TEXT NOT NULL,
+    conversation_type TEXT NOT NULL,
+    message_type TEXT NOT NULL,
+    count {count} NOT NULL,
+    PRIMARY KEY (account, status, conversation_type, message_type)
+){table_options}""",
+    """CREATE TABLE IF NOT EXISTS delivery_seconds (
+    account TEXT NOT NULL,
+    status TEXT NOT NULL,
+    bucket INTEGER NOT NULL,   -- index into BUCKETS, len(BUCKETS) for +Inf
+    count {count} NOT NULL,
+    sum {real} NOT NULL,
+    PRIMARY KEY (account, status, bucket)
+){table_options}""",
+)
+
+
+class LedgerError(Exception):
+    """The store cannot be opened or written (path, permissions, a corrupt file, the server)."""
+
+
+class Store:
+    """One connection to where the rows are; used under the ledger's lock, one thread at a time."""
+
+    # other processes write here too: counts are kept in tables and read back, not only summed
+    shared: ClassVar[bool] = False
+    types: ClassVar[dict[str, str]]
+    schema: ClassVar[tuple[str, ...]] = ()  # the backend's own tables, after SCHEMA
+    state_counts: ClassVar[str]  # a query of (account, state, count)
+    errors: tuple[type[Exception], ...]
+    where: str  # for messages: never a secret
+
+    def statements(self) -> list[str]:
+        return [statement.format(**self.types) for statement in SCHEMA + self.schema]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Runs `sql` once per row; returns how many rows it changed."""
+        raise NotImplementedError
+
+    def begin(self, account: str | None) -> None:
+        """A write transaction for one account's rows, or (None) for the whole ledger."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.execute("ROLLBACK")
+
+    def count_states(self, rows: list[tuple[str, str, int]]) -> None:
+        """(account, state, change) for the requests this transaction moved."""
+
+    def reason(self, error: Exception) -> str:
+        return str(error)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SQLiteStore(Store):
+    """One file (WAL), one writing process: request states are counted from the rows at open."""
+
+    types: ClassVar = {"real": "REAL", "count": "INTEGER", "table_options": " WITHOUT ROWID"}
+    state_counts: ClassVar = "SELECT account, state, COUNT(*) FROM requests GROUP BY account, state"
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str | Path):
+        self.where = str(path)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged id survives power loss
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(f"cannot open the D7 ledger at {path}: {exc}") from None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return self._db.executemany(sql, rows).rowcount
+
+    def begin(self, account: str | None) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # one writer at a time for the whole file
+
+    def close(self) -> None:
+        self._db.close()
+
+
+LOCK_NAMESPACE = b"D7LG"  # the high half of the ledger's advisory lock keys
+WHOLE_LEDGER = int.from_bytes(LOCK_NAMESPACE + bytes(4), "big", signed=True)
+# a session that waits longer than this for another replica's transaction gives up (the ingest
+# answers 503, retry); one that sits in a transaction this long (a frozen process) is cut off
+SESSION = {
+    "lock_timeout": "10s",
+    "statement_timeout": "60s",
+    "idle_in_transaction_session_timeout": "60s",
+}
+# connection parameters the URL may override: a dead server or a vanished host is noticed
+# within seconds, not after the kernel's two hours
+CONNECTION = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+    "application_name": "whatsapp-exporter-ledger",
+}
+
+
+def lock_key(account: str) -> int:
+    """A stable key per account (sha256, the same in every replica and release)."""
+    digest = hashlib.sha256(account.encode()).digest()
+    return int.from_bytes(LOCK_NAMESPACE + digest[:4], "big", signed=True)
+
+
+class PostgresStore(Store):
+    """A database replicas share. Every count lives in a table, changed in the transaction that
+    changes what it counts, so any replica reads the same totals."""
+
+    shared: ClassVar = True
+    types: ClassVar = {"real": "DOUBLE PRECISION", "count": "BIGINT", "table_options": ""}
+    schema: ClassVar = (
+        """CREATE TABLE IF NOT EXISTS request_counts (
+    account TEXT NOT NULL,
+    state TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (account, state)
+)""",
+    )
+    state_counts: ClassVar = "SELECT account, state, count FROM request_counts"
+
+    def __init__(self, url: str, password: str | None = None):
+        try:
+            import psycopg  # noqa: PLC0415 - only a shared ledger needs it
+            from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+        except ImportError:
+            raise LedgerError(
+                "a PostgreSQL ledger needs psycopg 3: pip install 'psycopg[binary]'"
+            ) from None
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+        self._secrets = [password] if password else []
+        self.where = redact(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"cannot open the D7 ledger at {self.where}: not a PostgreSQL URL: "
+                f"{self.reason(exc)}"
+            ) from None
+        if params.get("password"):
+            self._secrets.append(str(params["password"]))
+        if password:
+            params["password"] = password  # the file or environment wins over the URL
+        self._params = {**CONNECTION, **params}
+        self._in_transaction = False
+        try:
+            self._connection = self._connect()
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"cannot open the D7 ledger at {self.where}: {self.reason(exc)}"
+            ) from None
+
+    def _connect(self) -> Any:
+        connection = self._psycopg.connect(**self._params, autocommit=True)
+        try:
+            for name, value in SESSION.items():
+                connection.execute(f"SET {name} = '{value}'")
+        except self._psycopg.Error:
+            connection.close()
+            raise
+        return connection
+
+    def _again_if_lost(self, call: Callable[[], Any]) -> Any:
+        """Once more on a new connection when the old one was lost (a server restart, a
+        terminated session): only ever around a statement that starts something anew."""
+        if self._connection.broken:  # (not one that close() closed: that stays closed)
+            self._connection = self._connect()
+        try:
+            return call()
+        except self._psycopg.OperationalError:
+            if not self._connection.broken:
+                raise
+        self._connection = self._connect()
+        return call()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        sql = sql.replace("?", "%s")
+        if self._in_transaction:
+            return self._connection.execute(sql, params)
+        return self._again_if_lost(lambda: self._connection.execute(sql, params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        cursor = self._connection.cursor()
+        cursor.executemany(sql.replace("?", "%s"), rows)
+        return cursor.rowcount
+
+    def begin(self, account: str | None) -> None:
+        """Writers of one account wait for each other; a whole-ledger writer (creating the
+        schema) waits for all of them, and they for it."""
+
+        def start() -> None:
+            self._connection.execute("BEGIN")
+            if account is None:
+                self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (WHOLE_LEDGER,))
+            else:
+                self._connection.execute(
+                    "SELECT pg_advisory_xact_lock_shared(%s), pg_advisory_xact_lock(%s)",
+                    (WHOLE_LEDGER, lock_key(account)),
+                )
+
+        try:
+            self._again_if_lost(start)
+        except self._psycopg.Error:
+            with contextlib.suppress(self._psycopg.Error):
+                self._connection.execute("ROLLBACK")
+            raise
+        self._in_transaction = True
+
+    def commit(self) -> None:
+        self._in_transaction = False
+        self._connection.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self._in_transaction = False
+        self._connection.execute("ROLLBACK")
+
+    def count_states(self, rows: list[tuple[str, str, int]]) -> None:
+        self.executemany(
+            "INSERT INTO request_counts VALUES (?, ?, ?) ON CONFLICT (account, state)"
+            " DO UPDATE SET count = request_counts.count + excluded.count",
+            rows,
+        )
+
+    def reason(self, error: Exception) -> str:
+        """One line (libpq's run to several), and never a password."""
+        text = " ".join(str(error).split()) or type(error).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "<secret>")
+        return redact(text)
+
+    def close(self) -> None:
+        with contextlib.suppress(self._psycopg.Error):
+            self._connection.close()
+
+
+def redact(text: str) -> str:
+    """`postgresql://user:password@host/db` and `password=...` without the password."""
+    text = re.sub(r"(://[^:@/\s]*):[^@/\s]*@", r"\1@", text)
+    return re.sub(r"(password=)[^&\s]*", r"\1<secret>", text)
