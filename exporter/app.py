@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import signal
 import sys
@@ -44,6 +45,7 @@ PUBLISH_DELAY = (0.05, 1.0)
 # this often rather than on each, so a scrape never makes the next scrape join a new exposition.
 SELF_EVERY = 10.0
 DEFAULT_STORAGE = "data"
+GC_YOUNG = 10_000  # allocations between two young collections (Python's default: 700)
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None], listen_address: str) -> int:
@@ -85,8 +87,12 @@ class Exporter:
         storage_password: str | None = None,
         shard: Shard | None = None,
         lease: float = 15.0,
+        own_process: bool = False,
     ):
         self._load = load
+        # the exporter is the whole process (the command line, not a test or the demo's
+        # thread): it may tune the process's garbage collector
+        self._own_process = own_process
         self._listen = listen_address
         self._storage_path = storage_path
         self._strict = strict
@@ -160,6 +166,8 @@ class Exporter:
                 on_change=self._leadership,
             )
             tasks.append(asyncio.create_task(self._election.run()))
+        if self._own_process:
+            _settle()
         try:
             await self.scheduler.apply(self._polled(config))
             await self.web.start()
@@ -344,8 +352,12 @@ class Exporter:
     async def _publish_forever(self) -> None:
         """Coalesced: publish on the first change, then wait in proportion to what that cost."""
         low, high = PUBLISH_DELAY
+        settled = not self._own_process
         while True:
             await self.snapshot.changed()
+            if not settled and self.scheduler is not None and self.scheduler.ready:
+                settled = True
+                _settle()
             started = time.perf_counter()
             self.snapshot.publish()
             self._publish_cost = time.perf_counter() - started
@@ -394,7 +406,35 @@ class Exporter:
                 "Size of the newest uncompressed /metrics body served.",
                 (Sample((), float(self.web.exposition_bytes)),),
             ),
+            *self._pacing_families(),
             *(_family(metric) for metric in process.collect()),
+        ]
+
+    def _pacing_families(self) -> list[Family]:
+        assert self.scheduler is not None
+        pacer = self.scheduler.pacer
+        return [
+            Family(
+                "whatsapp_exporter_event_loop_lag_seconds",
+                "gauge",
+                f"Worst delay of the event loop (which serves /metrics) in the last "
+                f"{SELF_EVERY:g}s; over 0.02 s, polling is held back until it catches up.",
+                (Sample((), pacer.take_worst()),),
+            ),
+            Family(
+                "whatsapp_exporter_requests_in_flight_limit",
+                "gauge",
+                "Provider requests the pacer lets be in flight at once, across all accounts "
+                "(lowered while the event loop lags).",
+                (Sample((), float(pacer.limit)),),
+            ),
+            Family(
+                "whatsapp_exporter_requests_held",
+                "counter",
+                "Provider requests that waited for the pacer because the exporter was short of "
+                "CPU: a steady rise means polls are due faster than this exporter can make them.",
+                (Sample((), float(pacer.held), "_total"),),
+            ),
         ]
 
     def _handle_signals(self) -> None:
@@ -417,6 +457,18 @@ def _family(metric: Any) -> Family:
             for s in metric.samples
         ),
     )
+
+
+def _settle() -> None:
+    """Keep what exists now out of every later full garbage collection: at start the modules
+    and the config, after the first round its targets, blocks and connections, all of which live
+    as long as the process. At 100k series a full collection took 70 ms of CPU with the
+    interpreter lock held, a stall scrapes saw as 100-130 ms answers; and with the default
+    threshold of 700 objects, answers still being translated survived into the old generation
+    so often that collecting took 6% of the CPU. After 10,000 it is about 1%."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 def _glibc() -> Any:

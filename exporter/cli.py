@@ -197,6 +197,7 @@ def serve(load, config, args: argparse.Namespace, storage_path: str, guard, clus
         security=guard.current if guard else None,
         tls=guard.tls if guard else None,
         ingest_tls=guard.ingest_tls if guard else None,
+        own_process=True,
         **cluster,
     )
     return run_until_stopped(exporter.run(config), args.listen_address)

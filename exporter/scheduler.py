@@ -28,6 +28,7 @@ from exporter import __version__
 from exporter.config import AccountBase, ClientTLS, Config
 from exporter.exposition import Rendered, render
 from exporter.metrics import Labels
+from exporter.pacer import Pacer
 from exporter.providers.base import ANSWERS, Api, Endpoint, PollError, Provider, scrub
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
@@ -87,6 +88,8 @@ class Scheduler:
         # one thread translates and writes every poll's lines: the interpreter lock makes more
         # no faster, and each thread costs its own malloc arena (tens of MB of RSS)
         self._renderer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
+        self.pacer = Pacer()
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -104,6 +107,7 @@ class Scheduler:
             self._aps = AsyncIOScheduler(timezone=dt.UTC)
             self._aps.add_job(self._expire, IntervalTrigger(seconds=1), id="staleness")
             self._aps.start()
+            self._watch = asyncio.create_task(self.pacer.watch())
         defaults_changed = self._config is None or self._config.defaults != config.defaults
         wanted = {(provider, account.account): account for provider, account in config.accounts()}
         for name, poller in list(self._pollers.items()):
@@ -129,6 +133,9 @@ class Scheduler:
         if self._aps is not None:
             self._aps.shutdown(wait=False)
             self._aps = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for poller in list(self._pollers.values()):
             await self._stop_poller(poller)
         self._pollers.clear()
@@ -159,6 +166,7 @@ class Scheduler:
             account.concurrency,
             deadline=timeout,
             body_size_limit=account.body_size_limit,
+            pacer=self.pacer,
         )
         return Poller(
             provider,
@@ -303,7 +311,8 @@ class Scheduler:
             ):
                 # translating and writing lines is the poll's CPU: off the loop, which keeps
                 # serving scrapes meanwhile (the snapshot gets bytes)
-                rendered = await asyncio.to_thread(
+                rendered = await asyncio.get_running_loop().run_in_executor(
+                    self._renderer,
                     _render,
                     endpoint,
                     target,
@@ -345,7 +354,7 @@ class Scheduler:
 
 
 def _render(endpoint: Endpoint, target: str, result: Any, prefix: Labels) -> list[Rendered]:
-    """In a worker thread: pure functions of the result."""
+    """In the render thread: pure functions of the result."""
     return render(endpoint.families(target, result), prefix)
 
 

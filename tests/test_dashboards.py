@@ -57,6 +57,8 @@ OWN = {
     "whatsapp_exporter_publish_duration_seconds": set(),
     "whatsapp_exporter_publications_total": set(),
     "whatsapp_exporter_exposition_bytes": set(),
+    "whatsapp_exporter_event_loop_lag_seconds": set(),
+    "whatsapp_exporter_requests_held_total": set(),
     "whatsapp_exporter_last_webhook_timestamp_seconds": {"provider", "account"},
     "whatsapp_tracking_ids_total": {"provider", "account", "result"},
     "whatsapp_tracking_webhook_events_total": {"provider", "account"},

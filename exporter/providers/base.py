@@ -9,6 +9,7 @@ API means.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import email.utils
 import hashlib
@@ -168,8 +169,11 @@ class Api:
         *,
         deadline: float = 10.0,
         body_size_limit: int = 4 << 20,
+        pacer: contextlib.AbstractAsyncContextManager[Any] | None = None,
     ):
         self.client = client
+        # shared by every account: holds requests back while the event loop lags (pacer.py)
+        self.pacer = pacer or contextlib.nullcontext()
         self.budget = budget
         self._provider_error = provider_error
         # requests in flight for this account, whichever endpoint sends them; taken before a
@@ -187,7 +191,7 @@ class Api:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
-        async with self.gate, self.budget.slot():
+        async with self.gate, self.budget.slot(), self.pacer:
             request = self.client.build_request(
                 method, path, params=params, json=json_body, headers=headers
             )

@@ -32,11 +32,14 @@ PROCESS_LEVEL = {
     "up",
     "whatsapp_exporter_build_info",
     "whatsapp_exporter_config_last_reload_successful",
+    "whatsapp_exporter_event_loop_lag_seconds",
     "whatsapp_exporter_exposition_bytes",
     "whatsapp_exporter_http_requests_total",
     "whatsapp_exporter_leader",
     "whatsapp_exporter_publications_total",
     "whatsapp_exporter_publish_duration_seconds",
+    "whatsapp_exporter_requests_held_total",
+    "whatsapp_exporter_requests_in_flight_limit",
     "whatsapp_exporter_samples_dropped_total",
 }
 # recording rules per provider only

@@ -158,22 +158,29 @@ def exporter(c: Config) -> Json:
             size=(8, 8),
         ),
         timeseries(
-            "Publishing /metrics",
-            """Event-loop time the newest publication of /metrics took (left axis) and
-            publications per minute (right axis). Publications are coalesced: far fewer than
-            polls. Rising time with a growing exposition is expected; rising time alone means
-            the event loop is starved.""",
+            "Publishing /metrics and the event loop",
+            """Left axis: event-loop time the newest publication of /metrics took, and the worst
+            delay of the event loop (which serves /metrics) in each 10 s. Right axis, per minute:
+            publications (coalesced: far fewer than polls) and provider requests held back
+            because the loop lagged over 20 ms. Held requests now and then are a burst; all the
+            time, polls are due faster than this process has CPU for: lengthen intervals or
+            shard the accounts.""",
             targets(
-                (sel("whatsapp_exporter_publish_duration_seconds"), "time ({{instance}})"),
+                (sel("whatsapp_exporter_publish_duration_seconds"), "publish ({{instance}})"),
+                (sel("whatsapp_exporter_event_loop_lag_seconds"), "loop lag ({{instance}})"),
                 (
                     f"rate({sel('whatsapp_exporter_publications_total')}[{RATE}]) * 60",
-                    "per minute ({{instance}})",
+                    "publications ({{instance}})",
+                ),
+                (
+                    f"rate({sel('whatsapp_exporter_requests_held_total')}[{RATE}]) * 60",
+                    "requests held ({{instance}})",
                 ),
             ),
             unit="s",
             layout=layout,
             size=(8, 8),
-            overrides=[right_axis("B", "short")],
+            overrides=[right_axis("C", "short"), right_axis("D", "short")],
         ),
         timeseries(
             "Exposition size",
