@@ -12,6 +12,7 @@ import pytest
 
 from exporter import exposition as exposition_module
 from exporter import snapshot as snapshot_module
+from exporter import web as web_module
 from simulators import Fault
 from simulators.betatel import BetatelSimulator
 from simulators.kaleyra import KaleyraSimulator
@@ -119,19 +120,26 @@ def test_ready_only_after_the_first_polls(sims):
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
 
 
-def test_scrapes_never_render(sims, monkeypatch):
-    """Lines are written when a poll lands; a scrape joins (once per variant) what is there."""
-    renders, joins = [], []
-    original_lines = exposition_module.sample_lines
-    original_compute = snapshot_module.Exposition.compute
-    monkeypatch.setattr(
-        exposition_module, "sample_lines", lambda *a: renders.append(1) or original_lines(*a)
-    )
+def _count_bodies(monkeypatch) -> list[object]:
+    """The variants whose whole body gets made (joined or gzipped), in order."""
+    made: list[object] = []
+    original = snapshot_module.Exposition.compute
     monkeypatch.setattr(
         snapshot_module.Exposition,
         "compute",
-        lambda self, variant: joins.append(variant) or original_compute(self, variant),
+        lambda self, variant: made.append(variant) or original(self, variant),
     )
+    return made
+
+
+def test_scrapes_never_render(sims, monkeypatch):
+    """Lines are written when a poll lands; a scrape joins (once per variant) what is there."""
+    renders: list[int] = []
+    original_lines = exposition_module.sample_lines
+    monkeypatch.setattr(
+        exposition_module, "sample_lines", lambda *a: renders.append(1) or original_lines(*a)
+    )
+    joins = _count_bodies(monkeypatch)
     with run_exporter(all_config(sims, "1h")) as running:
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
         time.sleep(1.5)  # the last publication after the first round
@@ -144,6 +152,33 @@ def test_scrapes_never_render(sims, monkeypatch):
         assert len(renders) == before
         assert len(joins) - joins_before <= 2  # plain and gzip of the newest version, once each
         assert len(bodies) == 1 and len(zipped) == 1
+
+
+def test_a_big_plain_body_is_streamed_block_by_block_and_matches_gzip(sims, monkeypatch):
+    """Over STREAM_OVER the plain body is never joined: written as the family blocks, with its
+    length up front; HEAD gets the length and no body; both formats stay whole."""
+    monkeypatch.setattr(web_module, "STREAM_OVER", 1000)  # the small test exposition streams
+    joined = _count_bodies(monkeypatch)
+    with run_exporter(all_config(sims, "1h")) as running:
+        wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        time.sleep(1.5)  # the last publication after the first round
+        plain = httpx.get(f"{running.url}/metrics", headers={"Accept-Encoding": "identity"})
+        zipped = httpx.get(f"{running.url}/metrics", headers={"Accept-Encoding": "gzip"})
+        head = httpx.head(f"{running.url}/metrics", headers={"Accept-Encoding": "identity"})
+        openmetrics = httpx.get(
+            f"{running.url}/metrics",
+            headers={"Accept": "application/openmetrics-text", "Accept-Encoding": "identity"},
+        )
+    assert len(plain.content) > 1000
+    assert plain.headers["content-length"] == str(len(plain.content))
+    assert "chunked" not in plain.headers.get("transfer-encoding", "")
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert zipped.content == plain.content  # httpx decompressed it
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(plain.content))
+    assert openmetrics.content.endswith(b"# EOF\n")
+    assert all(variant.gzip for variant in joined)  # no plain body was ever joined
+    parse_exposition(plain.text)
 
 
 def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):
