@@ -2,10 +2,10 @@
 
 Owned by the event loop: only the loop calls the writing methods. A poll re-renders only its own
 target's lines, into one block per metric family; publishing lines up the blocks' headers and
-lines as references (cheap) and joins the bytes, in a thread when they are big. Every change bumps
-`generation`, and an exposition is only ever replaced by one of a newer generation, so a slow join
-can never overwrite a newer one. A scrape copies bytes that are already there: each format and
-encoding is joined (and gzipped) at most once per published exposition, on first demand.
+lines as references (cheap), re-joining only the blocks that changed. Every change bumps
+`generation`, and an exposition is only ever replaced by one of a newer generation. A scrape
+reads bytes that are already there: a big plain body is written block by block, never joined,
+and gzip is made at most once per published exposition, on first demand, in a thread when big.
 """
 
 from __future__ import annotations
