@@ -153,11 +153,26 @@ class Exposition:
         return body
 
 
+GZIP_BATCH = 256 << 10  # bytes handed to zlib at once
+
+
 def _gzip(pieces: list[bytes], size: int) -> bytes:
-    """One gzip member, fed piece by piece: never a joined copy of the plain body. Level 1 on
+    """One gzip member, fed in batches of about GZIP_BATCH: never a joined copy of the plain
+    body, and not one call per piece either (zlib lets go of the interpreter lock on each call,
+    and at 600 pieces taking it back each time slowed the event loop's scrapes 10x). Level 1 on
     big bodies: ~4x cheaper than 6 for Prometheus text, and still ~10x smaller."""
     packer = zlib.compressobj(6 if size < 1 << 20 else 1, zlib.DEFLATED, 31)
-    out = [packer.compress(piece) for piece in pieces]
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    held = 0
+    for piece in pieces:
+        batch.append(piece)
+        held += len(piece)
+        if held >= GZIP_BATCH:
+            out.append(packer.compress(b"".join(batch)))
+            batch.clear()
+            held = 0
+    out.append(packer.compress(b"".join(batch)))
     out.append(packer.flush())
     return b"".join(out)
 

@@ -3,6 +3,7 @@ and OpenMetrics) and promtool, whatever a provider put in a label value."""
 
 from __future__ import annotations
 
+import gzip
 import math
 import subprocess
 
@@ -12,6 +13,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import snapshot as snapshot_module
 from exporter.exposition import MAX_LABEL_VALUE, float_text, safe_text
 from exporter.metrics import Family, Sample
 from exporter.snapshot import Snapshot, TargetKey, Variant
@@ -211,3 +213,19 @@ def test_an_answer_seen_before_is_not_translated_again_and_a_new_one_is(monkeypa
             shown = running.wait_for_metric("whatsapp_client_app_fresh", number=number)
             assert shown == 7
             assert value(running.scrape(), "whatsapp_client_app_callback_queue_size") is None
+
+
+def test_a_big_exposition_gzips_in_batches_to_exactly_its_plain_bytes():
+    """Pieces of every size, some bigger than a batch, some empty: one gzip member whose content
+    is the pieces in order, and the plain body is the same bytes."""
+    pieces = [
+        bytes([65 + i % 26]) * (i * 7919 % (3 * snapshot_module.GZIP_BATCH // 2)) for i in range(40)
+    ]
+    exposition = snapshot_module.Exposition(1, pieces, [*pieces, b"# EOF\n"])
+    plain = exposition.body(Variant())
+    assert plain == b"".join(pieces)
+    assert exposition.size(False) == len(plain) > 4 * snapshot_module.GZIP_BATCH
+    zipped = exposition.body(Variant(gzip=True))
+    assert gzip.decompress(zipped) == plain
+    openmetrics = exposition.body(Variant(openmetrics=True, gzip=True))
+    assert gzip.decompress(openmetrics) == plain + b"# EOF\n"
