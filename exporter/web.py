@@ -315,7 +315,8 @@ class WebServer:
         if not variant.gzip:
             self.exposition_bytes = exposition.size(variant.openmetrics)
             if self.exposition_bytes > STREAM_OVER:
-                return await _stream(request, exposition.pieces(variant.openmetrics), headers)
+                pieces = exposition.pieces(variant.openmetrics)
+                return await _stream(request, pieces, self.exposition_bytes, headers)
         body = exposition.ready(variant)
         if body is None and exposition.cheap(variant):
             body = exposition.body(variant)
@@ -349,13 +350,13 @@ class WebServer:
 
 
 async def _stream(
-    request: web.Request, pieces: list[bytes], headers: dict[str, str]
+    request: web.Request, pieces: list[bytes], size: int, headers: dict[str, str]
 ) -> web.StreamResponse:
     """A big plain body as the family blocks it is made of, with its length up front. Each
     connection then buffers at most about a block of it, where one write of the whole body would
     have the transport copy what the socket did not take at once: ~10 MB per scraper."""
     response = web.StreamResponse(headers=headers)
-    response.content_length = sum(map(len, pieces))
+    response.content_length = size
     await response.prepare(request)
     if request.method != "HEAD":
         for piece in pieces:
