@@ -4,9 +4,9 @@ When polling needs more CPU than there is (1,000 numbers every 10 s on a slow ma
 runs its ready callbacks first come, first served: a scrape waits behind hundreds of poll steps
 and the interpreter lock, for up to seconds. Polling gets no faster for having more requests in
 flight then (it is CPU-bound), so the pacer lowers how many may be in flight, across all
-accounts, until the loop answers again within `target`; and raises it again, one at a time,
-while the loop is idle enough. With CPU to spare (the normal case) it never binds: the accounts'
-own `concurrency` and request budgets decide alone.
+accounts, until the loop answers again within `target`; and raises it again, by an eighth a
+tick, while requests wait and the loop keeps up. With CPU to spare (the normal case) it never
+binds: the accounts' own `concurrency` and request budgets decide alone.
 """
 
 from __future__ import annotations

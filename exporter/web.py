@@ -343,8 +343,8 @@ class WebServer:
             self._remember_body(generation, variant, done.result())
 
     def _remember_body(self, generation: int, variant: Variant, body: bytes) -> None:
-        """Only gzip bodies are kept as a fallback: a plain body is joined faster than it would
-        be worth holding a second copy of it (12 MB at 100k series)."""
+        """Only gzip bodies are kept as a fallback: a plain body never waits (small ones are
+        joined at once, big ones streamed from the blocks)."""
         if variant.gzip and generation >= self._latest.get(variant, (-1, b""))[0]:
             self._latest[variant] = (generation, body)
 
