@@ -104,3 +104,29 @@ def test_the_watch_sees_a_blocked_loop_and_cuts_the_limit():
     pacer = asyncio.run(scenario())
     assert pacer.take_worst() >= 0.2
     assert pacer.limit <= 10
+
+
+def test_an_idle_watch_rarely_wakes_and_a_request_makes_it_tick_fast_again():
+    class Counting(Pacer):
+        ticks = 0
+
+        def observe(self, lag: float) -> None:
+            self.ticks += 1
+            super().observe(lag)
+
+    async def scenario() -> tuple[Counting, int]:
+        pacer = Counting(target=0.02, floor=2)
+        watch = asyncio.create_task(pacer.watch())
+        await asyncio.sleep(0.5)  # nothing out: no measurement before IDLE_TICK
+        idle_ticks = pacer.ticks
+        async with pacer:
+            await asyncio.sleep(0.1)
+            time.sleep(0.25)  # the loop held while a request is out
+            await asyncio.sleep(0.05)
+        watch.cancel()
+        return pacer, idle_ticks
+
+    pacer, idle_ticks = asyncio.run(scenario())
+    assert idle_ticks == 0
+    assert pacer.ticks >= 3
+    assert pacer.take_worst() >= 0.2
