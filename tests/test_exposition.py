@@ -229,3 +229,32 @@ def test_a_big_exposition_gzips_in_batches_to_exactly_its_plain_bytes():
     assert gzip.decompress(zipped) == plain
     openmetrics = exposition.body(Variant(openmetrics=True, gzip=True))
     assert gzip.decompress(openmetrics) == plain + b"# EOF\n"
+
+
+def test_a_poll_that_changes_one_family_rejoins_only_that_family():
+    """Every poll hands over all of its target's families; those whose lines are the same bytes
+    as before keep their joined block (the same object in the next published version)."""
+    snapshot = Snapshot("test", clock=lambda: 1_700_000_000.0)
+    snapshot.configure(3, [("kaleyra", "main", "monitor_stats")])
+    keys = [TargetKey("kaleyra", "main", "monitor_stats", f"+120255501{i:02d}") for i in range(20)]
+
+    def families(key: TargetKey, queue: float) -> list[Family]:
+        labels = (("number", key.target),)
+        return [
+            Family("whatsapp_client_queue", "gauge", "queue", (Sample(labels, queue),)),
+            Family("whatsapp_client_other", "gauge", "steady", (Sample(labels, 7.0),)),
+        ]
+
+    for key in keys:
+        snapshot.succeeded(key, 60, families(key, 1.0), 0.1)
+    snapshot.publish()
+    before = {id(piece): piece for piece in snapshot.exposition.pieces(False)}
+
+    snapshot.succeeded(keys[3], 60, families(keys[3], 2.0), 0.1)
+    snapshot.publish()
+    after = snapshot.exposition.pieces(False)
+    steady = next(p for p in after if p.startswith(b"whatsapp_client_other{"))
+    changed = next(p for p in after if p.startswith(b"whatsapp_client_queue{"))
+    assert id(steady) in before  # not joined again
+    assert id(changed) not in before
+    assert b'number="+12025550103",provider="kaleyra"} 2.0\n' in changed
