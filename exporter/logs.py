@@ -56,7 +56,6 @@ def setup(level: str = "info", fmt: str = "logfmt") -> None:
     # APScheduler says "skipped: maximum number of running instances reached" for every
     # throttled job; that is the budget working, not news
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     # a client that sends a malformed request is the client's problem: aiohttp says so at error
     # level with a traceback, which would let anyone on the network fill the log
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorsAreDebug())

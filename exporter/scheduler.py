@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -29,7 +28,7 @@ from exporter.config import AccountBase, ClientTLS, Config
 from exporter.exposition import Rendered, render
 from exporter.metrics import Labels
 from exporter.pacer import Pacer
-from exporter.providers.base import ANSWERS, Api, Endpoint, PollError, Provider, scrub
+from exporter.providers.base import ANSWERS, Api, Client, Endpoint, PollError, Provider, scrub
 from exporter.ratelimit import RequestBudget
 from exporter.snapshot import Snapshot, TargetKey
 
@@ -147,16 +146,13 @@ class Scheduler:
         provider = self.providers[provider_name]
         timeout = account.timeout or config.defaults.timeout
         rate = account.rate_limit or provider.default_rate_limit
-        client = httpx.AsyncClient(
-            base_url=account.base_url,
+        client = Client(
+            account.base_url,
             headers={"User-Agent": USER_AGENT, **provider.headers(account)},
             timeout=timeout,
-            follow_redirects=False,
-            verify=self._tls_context(account.tls),
-            proxy=account.proxy_url,
-            limits=httpx.Limits(
-                max_connections=account.concurrency, max_keepalive_connections=account.concurrency
-            ),
+            tls=self._tls_context(account.tls),
+            connections=account.concurrency,
+            proxy_url=account.proxy_url,
         )
         budget = RequestBudget(rate.requests, rate.period)
         api = Api(
@@ -244,7 +240,7 @@ class Scheduler:
         for task in list(poller.tasks):
             task.cancel()
         await asyncio.gather(*poller.tasks, return_exceptions=True)
-        await poller.api.client.aclose()
+        await poller.api.client.close()
 
     def _track(self, poller: Poller, task: asyncio.Task) -> None:
         poller.tasks.add(task)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import d7
-from exporter.providers.base import Api, PollError, scrub
+from exporter.providers.base import Api, Client, PollError, scrub
 from exporter.providers.d7.ledger import LedgerError
 from exporter.providers.kaleyra import monitor_stats, translate
 from exporter.ratelimit import RequestBudget
@@ -258,7 +258,7 @@ def test_a_ledger_that_cannot_be_used_is_storage_not_d7s_fault():
 
     account = d7.Account(account="prod", token="t", ingest_token="i")
     follower = d7.Follower(account, BrokenLedger(), canary_every=60)
-    api = Api(httpx.AsyncClient(), RequestBudget(10, 1.0), d7.provider_error)
+    api = Api(Client("http://127.0.0.1:9"), RequestBudget(10, 1.0), d7.provider_error)
     with pytest.raises(PollError) as caught:
         asyncio.run(follower.cycle(api, ""))
     assert caught.value.reason == "storage"

@@ -3,6 +3,7 @@ forward proxy, against a simulator that speaks HTTPS over real loopback connecti
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import ssl
 import threading
@@ -11,10 +12,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import ClientTLS, ConfigError, parse_config
 from exporter.providers import ACCOUNT_MODELS
+from exporter.providers.base import Api, Client, PollError, env_proxy
+from exporter.ratelimit import RequestBudget
 from simulators import KaleyraSimulator
-from tests.conftest import run_exporter, value, wait_for
+from tests.conftest import run_exporter, value, values, wait_for
 from tests.test_webconfig import pki  # noqa: F401 - the fixture: a CA, server and client certs
 
 NUMBER = "+12025550100"
@@ -136,3 +139,65 @@ def test_bad_outbound_settings_are_config_errors_with_their_path(tmp_path):
     assert any(e.startswith("kaleyra[0].proxy_url: 'socks5://p:1080' must be") for e in errors)
     assert any(e.startswith(f"kaleyra[0].tls: ca_file {tmp_path}/missing.pem:") for e in errors)
     assert "kaleyra[1].tls: give cert_file and key_file together" in errors
+
+
+def test_tls_failures_say_what_tls_said(pki):  # noqa: F811
+    """The connect reason's detail is the TLS library's words, not a client library's wrapping."""
+
+    async def poll(sim, tls: ClientTLS) -> PollError:
+        base_url = sim.base_url.replace("127.0.0.1", "localhost")
+        client = Client(base_url, tls=tls.context())
+        try:
+            with pytest.raises(PollError) as caught:
+                await Api(client, RequestBudget(10, 1.0), lambda body: None).call(
+                    "GET", f"/v1/wamonitor/stats/{NUMBER}"
+                )
+            return caught.value
+        finally:
+            await client.close()
+
+    with KaleyraSimulator(numbers=[NUMBER], tls=server_context(pki)) as sim:
+        unknown = asyncio.run(poll(sim, ClientTLS()))
+    assert unknown.reason == "connect"
+    assert unknown.detail.startswith("TLS: certificate verify failed: "), unknown.detail
+
+
+def test_the_environments_proxy_applies_unless_no_proxy_names_the_host(monkeypatch):
+    """What the README promises for accounts without proxy_url: HTTPS_PROXY/HTTP_PROXY/NO_PROXY,
+    as curl reads them."""
+    proxy = _Proxy()
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setenv("NO_PROXY", "localhost")
+        with KaleyraSimulator(numbers=[NUMBER]) as sim:
+            direct = sim.base_url.replace("127.0.0.1", "localhost")
+            text = account(sim.base_url) + account(direct).replace("kaleyra:\n", "").replace(
+                "account: k", "account: direct"
+            )
+            with run_exporter(text) as running:
+                wait_for(
+                    lambda: (
+                        [v for _, v in values(running.scrape(), "whatsapp_exporter_up")]
+                        == [1.0, 1.0]
+                    ),
+                    10,
+                    "both accounts polled",
+                )
+        assert any(path.startswith(f"{sim.base_url}/") for path in proxy.seen)
+        assert not any(path.startswith(f"{direct}/") for path in proxy.seen)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_an_environment_proxy_that_is_not_http_is_a_connect_error_not_a_bypass(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+    assert env_proxy("https://api.example.com") == (
+        None,
+        "the environment's proxy for https URLs is socks5, not http(s)",
+    )
+    client = Client("https://api.example.com")
+    with pytest.raises(PollError) as caught:
+        client.request("GET", "/x")
+    assert caught.value.reason == "connect"

@@ -75,7 +75,7 @@ def _header_names(names: Iterable[str]) -> None:
 
 
 def _header_value(value: SecretStr) -> SecretStr:
-    """Checked at load because httpx rejects a bad value only when it sends it."""
+    """Checked at load because the HTTP client rejects a bad value only when it sends it."""
     text = value.get_secret_value().strip()
     if not text:
         raise ValueError("the value is empty")
