@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import email.utils
+import functools
 import hashlib
 import json
 import re
@@ -84,9 +85,16 @@ class Answer(pydantic.BaseModel):
 
 def parse(model: Any, data: Any, what: str) -> Any:
     try:
-        return pydantic.TypeAdapter(model).validate_python(data)
+        return _adapter(model).validate_python(data)
     except pydantic.ValidationError as exc:
         raise shape_error(exc, what) from None
+
+
+@functools.cache
+def _adapter(model: Any) -> pydantic.TypeAdapter[Any]:
+    """Built once per answer type: building one for `list[Entry]` costs ~0.3 ms, 80x the
+    validation of an answer."""
+    return pydantic.TypeAdapter(model)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
