@@ -2,9 +2,9 @@
 
 aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
 and no thread ever touches exporter state. /metrics hands out bytes that already exist: a big
-plain body is written as the family blocks it is made of, a gzip body is made once per published
-exposition, and a gzip scrape that arrives while the newest one is still being compressed gets
-the previous one rather than waiting.
+plain body is written from the chunks it is made of, never joined whole; a gzip body is made
+once per published exposition, and a gzip scrape that arrives while the newest one is still
+being compressed gets the previous one rather than waiting.
 
 Two listeners at most: the main one serves everything, behind the web config's TLS and basic
 auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
@@ -31,7 +31,7 @@ from aiohttp import web
 
 from exporter import status as statuspage
 from exporter.routing import Request, Response, Route, json_response, text
-from exporter.snapshot import Snapshot, Variant
+from exporter.snapshot import Snapshot, Variant, batches
 from exporter.status import Status
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ BACKLOG = 1024
 MAX_CONNECTIONS = 1024  # per listener at most; one more is answered 503 and closed
 FD_RESERVE = 256  # descriptors kept for everything else: providers' connections, the ledger
 TLS_HANDSHAKE_TIMEOUT = 10.0
-STREAM_OVER = 1 << 20  # bytes: a bigger plain /metrics body is written block by block
+STREAM_OVER = 1 << 20  # bytes: a bigger plain /metrics body is written in batches
+STREAM_BATCH = 256 << 10  # bytes per write of a streamed body
 HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
 BODY_TIMEOUT = 10.0  # seconds to send a declared body
 
@@ -352,15 +353,16 @@ class WebServer:
 async def _stream(
     request: web.Request, pieces: list[bytes], size: int, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """A big plain body as the family blocks it is made of, with its length up front. Each
-    connection then buffers at most about a block of it, where one write of the whole body would
-    have the transport copy what the socket did not take at once: ~10 MB per scraper."""
+    """A big plain body as the chunks it is made of, with its length up front, written in
+    batches of about STREAM_BATCH. Each connection then buffers at most about a batch of it,
+    where one write of the whole body would have the transport copy what the socket did not
+    take at once: ~10 MB per scraper."""
     response = web.StreamResponse(headers=headers)
     response.content_length = size
     await response.prepare(request)
     if request.method != "HEAD":
-        for piece in pieces:
-            await response.write(piece)
+        for batch in batches(pieces, STREAM_BATCH):
+            await response.write(batch)
     await response.write_eof()
     return response
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import random
 import subprocess
+from dataclasses import dataclass
 
 import pytest
 from prometheus_client.openmetrics.parser import (
@@ -18,6 +20,13 @@ from exporter.exposition import MAX_LABEL_VALUE, float_text, safe_text
 from exporter.metrics import Family, Sample
 from exporter.snapshot import Snapshot, TargetKey, Variant
 from tests.conftest import require_tool
+
+
+@dataclass
+class PollError:
+    reason: str
+    detail: str
+
 
 HOSTILE = [
     'quote " inside',
@@ -258,3 +267,73 @@ def test_a_poll_that_changes_one_family_rejoins_only_that_family():
     assert id(steady) in before  # not joined again
     assert id(changed) not in before
     assert b'number="+12025550103",provider="kaleyra"} 2.0\n' in changed
+
+
+def test_a_change_rejoins_only_its_chunk_of_the_family():
+    """A family of 1,000 members is joined in chunks: one member's change leaves the family's
+    other chunks the very same objects in the next version."""
+    snapshot = Snapshot("test", clock=lambda: 1_700_000_000.0)
+    snapshot.configure(3, [("kaleyra", "main", "monitor_stats")])
+    keys = [TargetKey("kaleyra", "main", "monitor_stats", f"+1202555{i:04d}") for i in range(1000)]
+
+    def queue(key: TargetKey, value: float) -> list[Family]:
+        return [Family("whatsapp_q", "gauge", "q", (Sample((("number", key.target),), value),))]
+
+    for key in keys:
+        snapshot.succeeded(key, 60, queue(key, 1.0), 0.1)
+    snapshot.publish()
+    before = [p for p in snapshot.exposition.pieces(False) if p.startswith(b"whatsapp_q{")]
+    assert len(before) == -(-1000 // snapshot_module.CHUNK) > 1
+    snapshot.succeeded(keys[500], 60, queue(keys[500], 2.0), 0.1)
+    snapshot.publish()
+    after = [p for p in snapshot.exposition.pieces(False) if p.startswith(b"whatsapp_q{")]
+    rejoined = [i for i, (old, new) in enumerate(zip(before, after, strict=True)) if old is not new]
+    assert rejoined == [500 // snapshot_module.CHUNK]
+    assert b'number="+12025550500",provider="kaleyra"} 2.0\n' in after[rejoined[0]]
+
+
+def test_chunks_stay_right_as_targets_come_change_and_go():
+    """Random polls, failures and removals over 300 targets, published in between: every version
+    parses, lists each family's series once in sorted order, with the newest values, in both
+    formats; OpenMetrics has the text's samples plus `_created` lines and `# EOF`."""
+    rng = random.Random(7)
+    now = [1_700_000_000.0]
+    snapshot = Snapshot("test", clock=lambda: now[0])
+    endpoints = [("kaleyra", "main", "monitor_stats")]
+    snapshot.configure(3, endpoints)
+    numbers = [f"+1202555{i:04d}" for i in range(300)]
+    live: dict[str, float] = {}
+    for step in range(400):
+        number = rng.choice(numbers)
+        key = TargetKey("kaleyra", "main", "monitor_stats", number)
+        action = rng.random()
+        if action < 0.7:
+            live[number] = float(step)
+            sample = Sample((("number", number),), float(step))
+            snapshot.succeeded(key, 60, [Family("whatsapp_q", "gauge", "q", (sample,))], 0.1)
+        elif action < 0.85:
+            snapshot.failed(key, 60, PollError("timeout", "slow"), 0.1)
+        else:
+            snapshot.retain("kaleyra", "main", "monitor_stats", set(numbers) - {number})
+            live.pop(number, None)
+        if rng.random() < 0.2:
+            now[0] += 1
+            snapshot.publish()
+            text = snapshot.exposition.plain.decode()
+            lines = [line for line in text.splitlines() if line.startswith("whatsapp_q{")]
+            assert lines == sorted(lines)
+            seen = {
+                s.labels["number"]: s.value
+                for f in text_string_to_metric_families(text)
+                if f.name == "whatsapp_q"
+                for s in f.samples
+            }
+            assert seen == live
+            om = snapshot.exposition.body(Variant(openmetrics=True)).decode()
+            assert om.endswith("# EOF\n")
+            om_samples = [x for x in om.splitlines() if not x.startswith("#")]
+            assert [x for x in om_samples if "_created" not in x] == [
+                x for x in text.splitlines() if not x.startswith("#")
+            ]
+            assert any("_created" in x for x in om_samples)
+            list(openmetrics_families(om))
