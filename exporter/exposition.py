@@ -59,6 +59,11 @@ def _escape_value(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+def label_text(labels: Labels) -> str:
+    """`name="value",...` in this order, values escaped: what goes between the braces."""
+    return ",".join(f'{k}="{_escape_value(safe_text(v))}"' for k, v in labels)
+
+
 def valid_name(name: str) -> bool:
     return bool(_METRIC_NAME.match(name))
 
@@ -91,7 +96,7 @@ def sample_lines(family: Family, prefix: Labels = ()) -> tuple[bytes, int]:
         if len(set(names)) != len(names) or not all(map(_LABEL_NAME.match, names)):
             dropped += 1
             continue
-        text = ",".join(f'{k}="{_escape_value(safe_text(v))}"' for k, v in labels)
+        text = label_text(labels)
         if (sample.suffix, text) in seen:
             continue
         seen.add((sample.suffix, text))

@@ -25,7 +25,9 @@ from exporter.exposition import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     Rendered,
+    float_text,
     header,
+    label_text,
     render,
     sample_lines,
 )
@@ -295,6 +297,7 @@ class Snapshot:
         self._clock = clock
         self._targets: dict[TargetKey, TargetState] = {}
         self._history: dict[TargetKey, deque[Poll]] = {}
+        self._health_labels: dict[TargetKey, str] = {}  # `{account="...",...}` per target
         self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
         self._created: dict[tuple[str, str, str], float] = {}  # when each endpoint's counting began
         self._blocks: dict[str, _Block] = {}
@@ -481,21 +484,23 @@ class Snapshot:
         for key in list(keys):
             del self._targets[key]
             self._history.pop(key, None)
+            self._health_labels.pop(key, None)
             self._put(("v", *_fields(key)), ())
             self._put(("h", *_fields(key)), ())
 
     def _render_health(self, state: TargetState) -> None:
-        labels = tuple(
-            zip(("provider", "account", "endpoint", "target"), _fields(state.key), strict=True)
-        )
-        families = [replace(_HEALTH["up"], samples=(Sample(labels, float(state.up)),))]
+        """Written straight from the target's label text, made once: every poll of every target
+        comes here, and the general renderer cost more than the rest of an unchanged poll."""
+        key = state.key
+        braces = self._health_labels.get(key)
+        if braces is None:
+            braces = self._health_labels[key] = "{" + label_text(_health_labels(key)) + "}"
+        items = [_health_line("up", braces, float(state.up))]
         if state.last_success is not None:
-            families.append(
-                replace(_HEALTH["last_success"], samples=(Sample(labels, state.last_success),))
-            )
+            items.append(_health_line("last_success", braces, state.last_success))
         if state.duration is not None:
-            families.append(replace(_HEALTH["duration"], samples=(Sample(labels, state.duration),)))
-        self._put(("h", *_fields(state.key)), families)
+            items.append(_health_line("duration", braces, state.duration))
+        self._put(("h", *_fields(key)), items)
 
     def _render_errors(self, endpoint: tuple[str, str, str], created: float | None = None) -> None:
         provider, account, name = endpoint
@@ -594,6 +599,22 @@ class Snapshot:
             message,
             extra={"fields": {**fields, **({"first_type": first_type} if first_type else {})}},
         )
+
+
+def _health_labels(key: TargetKey) -> Labels:
+    """Sorted by name, as sample_lines writes labels."""
+    return (
+        ("account", key.account),
+        ("endpoint", key.endpoint),
+        ("provider", key.provider),
+        ("target", key.target),
+    )
+
+
+def _health_line(name: str, braces: str, value: float) -> Rendered:
+    family = _HEALTH[name]
+    line = f"{family.name}{braces} {float_text(value)}\n".encode("utf-8", "replace")
+    return Rendered(family, line, 0)
 
 
 def _fields(key: TargetKey) -> tuple[str, str, str, str]:
