@@ -192,10 +192,10 @@ class _Block:
     """One metric family: its header and, per member (a target, an endpoint, an extra), the
     member's rendered sample lines, joined in chunks of CHUNK members in sorted order. A changed
     member re-joins only its chunk: at 1,000 numbers a family has 1,000 members, and a poll
-    changes one. `order` and the chunks are recomputed only when membership changes."""
+    changes one. Each chunk keeps its members' lines in a list, so re-joining it is a copy, not
+    a lookup per member. The chunks are cut again only when membership changes."""
 
     __slots__ = (
-        "chunk_of",
         "chunks",
         "family",
         "members",
@@ -203,6 +203,8 @@ class _Block:
         "om_header",
         "openmetrics",
         "order",
+        "parts",
+        "slot",
         "text_header",
     )
 
@@ -214,23 +216,37 @@ class _Block:
         # a member's lines where OpenMetrics differs (counters with `_created` after each series)
         self.openmetrics: dict[tuple[str, ...], bytes] = {}
         self.order: list[tuple[str, ...]] = []
-        self.chunk_of: dict[tuple[str, ...], int] | None = None  # None: membership changed
-        # each chunk's members' lines joined, kept until one of them changes (None)
+        # member -> (chunk, place in it); None: membership changed, cut the chunks again
+        self.slot: dict[tuple[str, ...], tuple[int, int]] | None = None
+        self.parts: list[list[bytes]] = []  # each chunk's members' lines, in order
+        # each chunk's lines joined, kept until one of its members changes (None)
         self.chunks: list[bytes | None] = []
         self.om_chunks: list[bytes | None] = []
 
+    def put(self, member: tuple[str, ...], lines: bytes) -> None:
+        old = self.members.get(member)
+        if old == lines:  # a poll hands over all its families, mostly the same bytes as before
+            return
+        self.members[member] = lines
+        if old is None or self.slot is None:
+            self.slot = None
+            return
+        i, j = self.slot[member]
+        self.parts[i][j] = lines
+        self.chunks[i] = self.om_chunks[i] = None
+
+    def remove(self, member: tuple[str, ...]) -> None:
+        del self.members[member]
+        self.openmetrics.pop(member, None)
+        self.slot = None
+
     def lines(self, openmetrics: bool) -> list[bytes]:
-        if self.chunk_of is None:
-            self.order = sorted(self.members)
-            self.chunk_of = {member: i // CHUNK for i, member in enumerate(self.order)}
-            count = -(-len(self.order) // CHUNK)
-            self.chunks = [None] * count
-            self.om_chunks = [None] * count
+        if self.slot is None:
+            self._cut()
         chunks = self.chunks
         for i, chunk in enumerate(chunks):
             if chunk is None:
-                part = self.order[i * CHUNK : (i + 1) * CHUNK]
-                chunks[i] = b"".join(map(self.members.__getitem__, part))
+                chunks[i] = b"".join(self.parts[i])
         if not openmetrics or not self.openmetrics:
             return chunks  # type: ignore[return-value]
         own = self.openmetrics
@@ -244,15 +260,15 @@ class _Block:
                 )
         return self.om_chunks  # type: ignore[return-value]
 
-    def changed(self, member: tuple[str, ...]) -> None:
-        """`member`'s lines changed (it was already a member)."""
-        if self.chunk_of is not None:
-            i = self.chunk_of[member]
-            self.chunks[i] = self.om_chunks[i] = None
-
-    def regroup(self) -> None:
-        """A member came or went: chunks are cut again."""
-        self.chunk_of = None
+    def _cut(self) -> None:
+        self.order = order = sorted(self.members)
+        members = self.members
+        self.parts = [
+            [members[m] for m in order[i : i + CHUNK]] for i in range(0, len(order), CHUNK)
+        ]
+        self.slot = {m: divmod(i, CHUNK) for i, m in enumerate(order)}
+        self.chunks = [None] * len(self.parts)
+        self.om_chunks = [None] * len(self.parts)
 
 
 _HEALTH = {
@@ -522,8 +538,8 @@ class Snapshot:
         else:
             return
         block = self._blocks[_ERRORS.name]
+        # its text lines changed with it (a count), so _put already marked its chunk
         block.openmetrics[member] = sample_lines(replace(_ERRORS, samples=interleaved))[0]
-        block.changed(member)
 
     def _put(
         self,
@@ -559,21 +575,10 @@ class Snapshot:
                 self._names = None
             rendered[fam.name] = rendered.get(fam.name, b"") + item.lines
         for name, lines in rendered.items():
-            block = self._blocks[name]
-            # a poll re-renders all of its target's families, mostly to the same bytes: only a
-            # family whose lines differ is joined again (at 1,000 numbers, 1,000 members each)
-            old = block.members.get(member)
-            if old != lines:
-                block.members[member] = lines
-                if old is None:
-                    block.regroup()
-                else:
-                    block.changed(member)
+            self._blocks[name].put(member, lines)
         for name in self._owned.get(member, set()) - set(rendered):
             block = self._blocks[name]
-            del block.members[member]
-            block.openmetrics.pop(member, None)
-            block.regroup()
+            block.remove(member)
             if not block.members:
                 del self._blocks[name]
                 self._names = None
