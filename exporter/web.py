@@ -3,8 +3,10 @@
 aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
 and no thread ever touches exporter state. /metrics hands out bytes that already exist: a big
 plain body is written from the chunks it is made of, never joined whole; a gzip body is made
-once per published exposition, and a gzip scrape that arrives while the newest one is still
-being compressed gets the previous one rather than waiting.
+at most once per published exposition, and a gzip scrape that arrives while the newest one is
+still being compressed gets the previous one rather than waiting, if that one was the newest a
+moment ago (GZIP_STALE). Scrapers back to back get a new gzip after a rest (GZIP_REST), not one
+per version.
 
 Two listeners at most: the main one serves everything, behind the web config's TLS and basic
 auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
@@ -19,10 +21,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import re
 import resource
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
@@ -44,6 +48,11 @@ FD_RESERVE = 256  # descriptors kept for everything else: providers' connections
 TLS_HANDSHAKE_TIMEOUT = 10.0
 STREAM_OVER = 1 << 20  # bytes: a bigger plain /metrics body is written in batches
 STREAM_BATCH = 256 << 10  # bytes per write of a streamed body
+# after compressing a version for gzip scrapers, rest this many times as long before the next:
+# with scrapers back to back and a new version every 100 ms, gzip stays under ~20% of a core, and
+# a gzip scrape's body is at most a few hundred milliseconds older than the newest version
+GZIP_REST = 4
+GZIP_STALE = 2.0  # seconds: the oldest gzip body served rather than waiting for the newest
 HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
 BODY_TIMEOUT = 10.0  # seconds to send a declared body
 
@@ -145,7 +154,10 @@ class WebServer:
         self._ingest_tls = ingest_tls or tls
         self._status = status
         self._config_view = config_view
-        self._latest: dict[Variant, tuple[int, bytes]] = {}  # newest body served per variant
+        # per variant, the newest gzip body served: its generation, bytes, when it was the newest
+        self._latest: dict[Variant, tuple[int, bytes, float]] = {}
+        # no new gzip before then: compressing every version scrapers meet would take a core
+        self._rest_until: dict[Variant, float] = {}
         self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
         self.exposition_bytes = 0
         self._runners: list[web.AppRunner] = []
@@ -321,33 +333,54 @@ class WebServer:
         body = exposition.ready(variant)
         if body is None and exposition.cheap(variant):
             body = exposition.body(variant)
-        if body is None:
-            previous = self._latest.get(variant)
-            work = asyncio.ensure_future(exposition.body_async(variant))
-            if variant.gzip and previous is not None:
-                # the newest gzip is on its way; until then, the previous one, a moment older
+        if body is not None:
+            self._remember_body(exposition.generation, variant, body)
+        elif (previous := self._fallback(variant)) is not None:
+            # the newest gzip is on its way, or resting; until then the previous one, a moment older
+            body = previous
+            if time.monotonic() >= self._rest_until.get(variant, 0.0):
+                self._rest_until[variant] = math.inf  # until this one is done
+                work = asyncio.ensure_future(exposition.body_async(variant))
                 work.add_done_callback(
-                    functools.partial(self._remember, exposition.generation, variant)
+                    functools.partial(
+                        self._remember, exposition.generation, variant, time.monotonic()
+                    )
                 )
-                body = previous[1]
-            else:
-                body = await work
-                self._remember_body(exposition.generation, variant, body)
         else:
+            body = await exposition.body_async(variant)
             self._remember_body(exposition.generation, variant, body)
         if variant.gzip:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
 
-    def _remember(self, generation: int, variant: Variant, done: asyncio.Future[bytes]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self._remember_body(generation, variant, done.result())
+    def _fallback(self, variant: Variant) -> bytes | None:
+        """The newest gzip body at hand, if it was the newest version less than GZIP_STALE ago:
+        a scraper every 15 s always gets a fresh one (it waits for it), scrapers back to back
+        share the work."""
+        latest = self._latest.get(variant)
+        if not variant.gzip or latest is None:
+            return None
+        _, body, newest_at = latest
+        return body if time.monotonic() - newest_at < GZIP_STALE else None
 
-    def _remember_body(self, generation: int, variant: Variant, body: bytes) -> None:
+    def _remember(
+        self, generation: int, variant: Variant, started: float, done: asyncio.Future[bytes]
+    ) -> None:
+        finished = time.monotonic()
+        self._rest_until[variant] = finished + GZIP_REST * (finished - started)
+        if not done.cancelled() and done.exception() is None:
+            newest = self._snapshot.exposition.generation == generation
+            self._remember_body(generation, variant, done.result(), finished if newest else started)
+
+    def _remember_body(
+        self, generation: int, variant: Variant, body: bytes, newest_at: float | None = None
+    ) -> None:
         """Only gzip bodies are kept as a fallback: a plain body never waits (small ones are
-        joined at once, big ones streamed from the blocks)."""
-        if variant.gzip and generation >= self._latest.get(variant, (-1, b""))[0]:
-            self._latest[variant] = (generation, body)
+        joined at once, big ones streamed from the chunks). `newest_at`: a moment its version was
+        the newest (now, unless said)."""
+        if variant.gzip and generation >= self._latest.get(variant, (-1, b"", 0.0))[0]:
+            at = time.monotonic() if newest_at is None else newest_at
+            self._latest[variant] = (generation, body, at)
 
 
 async def _stream(

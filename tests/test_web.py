@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import socket
 import subprocess
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -13,6 +15,8 @@ import pytest
 from exporter import exposition as exposition_module
 from exporter import snapshot as snapshot_module
 from exporter import web as web_module
+from exporter.metrics import Family, Sample
+from exporter.snapshot import Snapshot, Variant
 from simulators import Fault
 from simulators.betatel import BetatelSimulator
 from simulators.kaleyra import KaleyraSimulator
@@ -229,3 +233,52 @@ def test_garbage_requests_get_an_answer_and_the_server_lives_on(sims):
             # HTTP/0.9-style garbage gets its answer without a status line, as the protocol says
             assert b"400" in answer or b"505" in answer, answer
         assert httpx.get(f"{running.url}/-/healthy").status_code == 200
+
+
+def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
+    """A gzip scrape that meets a version not compressed yet gets the previous body if that was
+    the newest less than GZIP_STALE ago, and starts the newest one; after it, the next starts only
+    after a rest (GZIP_REST times as long as it took); a body older than GZIP_STALE is never
+    served: that scrape waits for the newest (a scraper every 15 s always gets fresh data)."""
+    clock = [1000.0]
+    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
+    request = SimpleNamespace(headers={"Accept-Encoding": "gzip"}, method="GET")
+    zipped = Variant(gzip=True)
+
+    def shown(response) -> float:
+        text = gzip.decompress(response.body).decode()
+        return float(text.split("\nwhatsapp_test_version ")[1].split("\n")[0])
+
+    def publish(snapshot: Snapshot, version: float) -> None:
+        snapshot.set_extra(
+            "t", [Family("whatsapp_test_version", "gauge", "v", (Sample((), version),))]
+        )
+        snapshot.publish()
+
+    async def done(snapshot: Snapshot) -> None:
+        while snapshot.exposition.ready(zipped) is None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # the done callback
+
+    async def scenario() -> None:
+        snapshot = Snapshot("test")
+        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        publish(snapshot, 1)
+        assert shown(await server._metrics(request)) == 1  # nothing to fall back on: waits
+        publish(snapshot, 2)
+        assert shown(await server._metrics(request)) == 1  # the previous one, the newest is started
+        clock[0] += 0.5  # compressing takes 0.5 s (by this clock)
+        await done(snapshot)
+        assert shown(await server._metrics(request)) == 2
+        publish(snapshot, 3)
+        clock[0] += 0.1
+        assert shown(await server._metrics(request)) == 2  # resting until 0.5 + 4 x 0.5 s
+        await asyncio.sleep(0.05)
+        assert snapshot.exposition.ready(zipped) is None  # nothing was started
+        clock[0] += 1.5  # version 2 was the newest 1.6 s ago
+        assert shown(await server._metrics(request)) == 2
+        clock[0] += 0.5  # 2.1 s ago: too old to serve, whatever the rest says
+        assert shown(await server._metrics(request)) == 3
+
+    asyncio.run(scenario())
