@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from exporter.metrics import TYPES, Family, Labels
 
@@ -120,7 +120,7 @@ def render(families: Iterable[Family], prefix: Labels = ()) -> list[Rendered]:
     """Pure, so it may run off the event loop."""
     out = []
     for family in families:
-        header = replace(family, samples=())
+        header = Family(family.name, family.type, family.help, ())
         if not valid_name(family.name) or family.type not in TYPES:
             out.append(Rendered(header, b"", len(family.samples), valid=False))
             continue

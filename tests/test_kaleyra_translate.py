@@ -953,3 +953,20 @@ def test_the_provider() -> None:
     assert PROVIDER.headers is headers
     assert PROVIDER.provider_error is provider_error
     assert PROVIDER.endpoints is endpoints
+
+
+def test_names_and_help_are_remembered_but_never_a_hostile_answers_long_texts() -> None:
+    """Names and help texts are worked out once for every number; a help text a hostile client
+    made megabytes long is worked out each time, not kept."""
+    from exporter.providers import kaleyra  # noqa: PLC0415
+
+    kaleyra._memo.cache_clear()
+    first = run({"app": {"queue": stat((None, 1), help_="Queue size")}})
+    kept = kaleyra._memo.cache_info().currsize
+    assert kept > 0
+    assert run({"app": {"queue": stat((None, 1), help_="Queue size")}}) == first
+    assert kaleyra._memo.cache_info().hits > 0
+    huge = "word " * 100_000
+    (family,) = run({"app": {"queue": stat((None, 1), help_=huge)}})
+    assert family.help.startswith("word word")
+    assert kaleyra._memo.cache_info().currsize == kept  # nothing of the long text kept

@@ -321,13 +321,33 @@ def _source(section: str, key: str, raw: Any, base: Labels) -> _Source | None:
             return None
         entries.append((labels, value))
     kind, text = raw.get("type"), raw.get("help")
-    return _Source(
-        name=_sanitise(key),
-        path=f"{section}.{key}",
-        type=kind.strip().lower() if isinstance(kind, str) else "",
-        help=" ".join(text.split()).removesuffix(".") if isinstance(text, str) else "",
-        entries=tuple(entries),
-    )
+    kind = kind if isinstance(kind, str) else ""
+    text = text if isinstance(text, str) else ""
+    name, path, kind, text = _cached(_describe, section, key, kind, text)
+    return _Source(name=name, path=path, type=kind, help=text, entries=tuple(entries))
+
+
+def _describe(section: str, key: str, kind: str, text: str) -> tuple[str, str, str, str]:
+    sentence = " ".join(text.split()).removesuffix(".")
+    return _sanitise(key), f"{section}.{key}", kind.strip().lower(), sentence
+
+
+MEMO_TEXT = 1024  # characters: longer names and help texts are worked out each time, not kept
+
+
+def _cached(work: Any, *texts: str) -> Any:
+    """`work(*texts)`, remembered: names and help texts are the same on every poll of every
+    number, and working them out was a third of translating an answer. Long texts (a hostile
+    answer's) are not kept."""
+    if sum(map(len, texts)) > MEMO_TEXT:
+        return work(*texts)
+    return _memo(work, *texts)
+
+
+@functools.lru_cache(maxsize=8192)
+def _memo(work: Any, *texts: str) -> Any:
+    """Pure functions of their arguments only: what is kept never depends on an account."""
+    return work(*texts)
 
 
 def _is_family(value: Any) -> bool:
@@ -374,19 +394,34 @@ def _help(text: str, origin: str, note: str) -> str:
 
 
 def _plain(section: str, source: _Source) -> Family:
-    kind = source.type if source.type in ("gauge", "counter") else "untyped"
-    name, per_second, unit = source.name, 1.0, ""
+    name, kind, help_, per_second, suffix = _cached(
+        _plain_header, section, source.name, source.type, source.help, source.path
+    )
+    return Family(
+        name,
+        kind,
+        help_,
+        tuple(Sample(labels, value / per_second, suffix) for labels, value in source.entries),
+    )
+
+
+def _plain_header(
+    section: str, name: str, kind: str, text: str, path: str
+) -> tuple[str, str, str, float, str]:
+    kind = kind if kind in ("gauge", "counter") else "untyped"
+    per_second, unit = 1.0, ""
     if kind == "counter" and name.endswith("_total") and name != "_total":
         name = name.removesuffix("_total")
     if kind != "untyped":
         name, per_second, unit = _seconds(name)
     note = f", converted from {unit} to seconds" if unit else ""
     suffix = "_total" if kind == "counter" else ""
-    return Family(
+    return (
         _metric_name(section, name),
         kind,
-        _help(source.help, f"client stat {source.path}", note),
-        tuple(Sample(labels, value / per_second, suffix) for labels, value in source.entries),
+        _help(text, f"client stat {path}", note),
+        per_second,
+        suffix,
     )
 
 
@@ -460,6 +495,7 @@ def _merge(families: Iterable[Family], warned: set[str]) -> list[Family]:
     kept: dict[str, Family] = {}
     samples: dict[str, dict[tuple[str, frozenset], Sample]] = {}
     owner: dict[str, Family] = {}  # every sample name a kept family exposes -> that family
+    merged: set[str] = set()  # names of more than one family
     for family in families:
         first = kept.get(family.name)
         if first is None:
@@ -483,11 +519,16 @@ def _merge(families: Iterable[Family], warned: set[str]) -> list[Family]:
                 warned,
             )
             continue
+        else:
+            merged.add(family.name)
         bucket = samples[family.name]
         for sample in family.samples:
             bucket.setdefault((sample.suffix, frozenset(sample.labels)), sample)
     return [
-        replace(kept[name], samples=tuple(samples[name].values()))
+        # a family alone under its name, with no sample repeated, is kept as it is
+        kept[name]
+        if name not in merged and len(samples[name]) == len(kept[name].samples)
+        else replace(kept[name], samples=tuple(samples[name].values()))
         for name in sorted(kept)
         if samples[name]
     ]
