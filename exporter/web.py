@@ -367,7 +367,8 @@ class WebServer:
         self, generation: int, variant: Variant, started: float, done: asyncio.Future[bytes]
     ) -> None:
         finished = time.monotonic()
-        self._rest_until[variant] = finished + GZIP_REST * (finished - started)
+        rest = min(GZIP_REST * (finished - started), GZIP_STALE / 2)  # the next comes in time
+        self._rest_until[variant] = finished + rest
         if not done.cancelled() and done.exception() is None:
             newest = self._snapshot.exposition.generation == generation
             self._remember_body(generation, variant, done.result(), finished if newest else started)
