@@ -156,7 +156,7 @@ class Exposition:
         return body
 
 
-GZIP_BATCH = 256 << 10  # bytes handed to zlib at once
+GZIP_BATCH = 1 << 20  # bytes per zlib call: each lets go of the lock and takes it back
 
 
 def batches(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:

@@ -48,9 +48,8 @@ FD_RESERVE = 256  # descriptors kept for everything else: providers' connections
 TLS_HANDSHAKE_TIMEOUT = 10.0
 STREAM_OVER = 1 << 20  # bytes: a bigger plain /metrics body is written in batches
 STREAM_BATCH = 256 << 10  # bytes per write of a streamed body
-# after compressing a version for gzip scrapers, rest this many times as long before the next:
-# with scrapers back to back and a new version every 100 ms, gzip stays under ~20% of a core, and
-# a gzip scrape's body is at most a few hundred milliseconds older than the newest version
+# after compressing a version for gzip scrapers, rest up to this many times as long before the
+# next: with scrapers back to back and a new version every 100 ms, gzip stays under ~20% of a core
 GZIP_REST = 4
 GZIP_STALE = 2.0  # seconds: the oldest gzip body served rather than waiting for the newest
 HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
@@ -367,7 +366,10 @@ class WebServer:
         self, generation: int, variant: Variant, started: float, done: asyncio.Future[bytes]
     ) -> None:
         finished = time.monotonic()
-        rest = min(GZIP_REST * (finished - started), GZIP_STALE / 2)  # the next comes in time
+        took = finished - started
+        # short enough that the next body is ready before this one is GZIP_STALE old: it is
+        # served until then, and was the newest at `started` at least
+        rest = max(0.0, min(GZIP_REST * took, GZIP_STALE - 2.5 * took))
         self._rest_until[variant] = finished + rest
         if not done.cancelled() and done.exception() is None:
             newest = self._snapshot.exposition.generation == generation

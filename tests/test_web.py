@@ -273,7 +273,7 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
         assert shown(await server._metrics(request)) == 2
         publish(snapshot, 3)
         clock[0] += 0.1
-        assert shown(await server._metrics(request)) == 2  # resting: min(4 x 0.5, 2 / 2) s
+        assert shown(await server._metrics(request)) == 2  # resting: min(4 x 0.5, 2 - 2.5 x 0.5) s
         await asyncio.sleep(0.05)
         assert snapshot.exposition.ready(zipped) is None  # nothing was started
         clock[0] += 1.5  # version 2 was the newest 1.6 s ago
