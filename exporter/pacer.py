@@ -72,15 +72,18 @@ class Pacer:
                 free -= 1
 
     def observe(self, lag: float) -> None:
-        """One measurement. Down in proportion to how far the lag is over the target (one step
-        gets there: a loop that lags has no time for many); up by an eighth while the loop keeps
-        up and requests wait for it (from 2 to 400 in about a second). Never up while nothing
+        """One measurement. Down when this and the one before are over the target, in
+        proportion to how far (one step gets there: a loop that lags has no time for many); a
+        single late tick is a spike the requests did not cause (publishing, a collection), and
+        cutting on it cost the 10,000-device round 7%. Up by an eighth while the loop keeps up
+        and requests wait for it (from 2 to 400 in about a second). Never up while nothing
         waits: the next burst starts from a limit the loop was seen to bear."""
+        sustained = min(lag, self.lag)  # one late tick is a spike (a publication), not load
         self.lag = lag
         self.worst_lag = max(self.worst_lag, lag)
-        if lag > self.target:
+        if sustained > self.target:
             base = min(self.limit, max(self.in_flight, self.floor))
-            self.limit = max(self.floor, int(base * max(0.1, self.target / lag)))
+            self.limit = max(self.floor, int(base * max(0.1, self.target / sustained)))
         elif lag < self.target / 2 and self._waiters:
             self.limit = min(self.ceiling, self.limit + max(1, self.limit // 8))
             self._wake()

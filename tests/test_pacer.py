@@ -21,14 +21,19 @@ def test_a_lagging_loop_lowers_the_limit_in_proportion_and_never_below_the_floor
     pacer = Pacer(target=0.02, floor=2)
     pacer.in_flight = 400
     pacer.limit = 4096
-    pacer.observe(0.2)  # ten times the target: a tenth of what was in flight
+    pacer.observe(0.2)  # one late tick: a spike, no change
+    assert pacer.limit == 4096
+    pacer.observe(0.2)  # still ten times the target: a tenth of what was in flight
     assert pacer.limit == 40
     pacer.in_flight = 40
+    pacer.observe(2.0)  # judged by the smaller of the two: 0.2 again
+    assert pacer.limit == 4
     pacer.observe(2.0)
-    assert pacer.limit == 4  # at most a tenth per step
+    assert pacer.limit == 2  # at most a tenth per step, and never below the floor
     pacer.observe(2.0)
     assert pacer.limit == 2
-    pacer.observe(2.0)
+    pacer.observe(0.001)
+    pacer.observe(0.5)  # a spike after a good tick
     assert pacer.limit == 2
 
 
@@ -96,7 +101,9 @@ def test_the_watch_sees_a_blocked_loop_and_cuts_the_limit():
         pacer.in_flight = 100  # as if 100 requests were out
         watch = asyncio.create_task(pacer.watch())
         await asyncio.sleep(0.05)
-        time.sleep(0.25)  # a callback that holds the loop for 250 ms
+        for _ in range(2):  # callbacks that hold the loop for 250 ms, no good tick between
+            time.sleep(0.25)
+            await asyncio.sleep(0.001)  # the watch measures, and its next tick is due
         await asyncio.sleep(0.05)
         watch.cancel()
         return pacer
