@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import re
 import resource
 import socket
@@ -35,7 +34,7 @@ from aiohttp import web
 
 from exporter import status as statuspage
 from exporter.routing import Request, Response, Route, json_response, text
-from exporter.snapshot import Snapshot, Variant, batches
+from exporter.snapshot import Exposition, Snapshot, Variant, batches
 from exporter.status import Status
 
 log = logging.getLogger(__name__)
@@ -157,6 +156,7 @@ class WebServer:
         self._latest: dict[Variant, tuple[int, bytes, float]] = {}
         # no new gzip before then: compressing every version scrapers meet would take a core
         self._rest_until: dict[Variant, float] = {}
+        self._zipping: dict[Variant, asyncio.Future[bytes]] = {}  # at most one gzip at a time
         self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
         self.exposition_bytes = 0
         self._runners: list[web.AppRunner] = []
@@ -334,20 +334,21 @@ class WebServer:
             body = exposition.body(variant)
         if body is not None:
             self._remember_body(exposition.generation, variant, body)
+        elif not variant.gzip:
+            body = await exposition.body_async(variant)
         elif (previous := self._fallback(variant)) is not None:
             # the newest gzip is on its way, or resting; until then the previous one, a moment older
             body = previous
-            if time.monotonic() >= self._rest_until.get(variant, 0.0):
-                self._rest_until[variant] = math.inf  # until this one is done
-                work = asyncio.ensure_future(exposition.body_async(variant))
-                work.add_done_callback(
-                    functools.partial(
-                        self._remember, exposition.generation, variant, time.monotonic()
-                    )
-                )
+            if variant not in self._zipping and time.monotonic() >= self._rest_until.get(
+                variant, 0.0
+            ):
+                self._zip(exposition, variant)
         else:
-            body = await exposition.body_async(variant)
-            self._remember_body(exposition.generation, variant, body)
+            # nothing recent enough at hand: wait for the one on its way (its version was the
+            # newest when it started, a moment ago), or for this version's; one at a time, as
+            # ten scrapers that each started their own once took 1.3 s
+            work = self._zipping.get(variant) or self._zip(exposition, variant)
+            body = await asyncio.shield(work)
         if variant.gzip:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
@@ -362,9 +363,17 @@ class WebServer:
         _, body, newest_at = latest
         return body if time.monotonic() - newest_at < GZIP_STALE else None
 
+    def _zip(self, exposition: Exposition, variant: Variant) -> asyncio.Future[bytes]:
+        work = self._zipping[variant] = asyncio.ensure_future(exposition.body_async(variant))
+        work.add_done_callback(
+            functools.partial(self._remember, exposition.generation, variant, time.monotonic())
+        )
+        return work
+
     def _remember(
         self, generation: int, variant: Variant, started: float, done: asyncio.Future[bytes]
     ) -> None:
+        self._zipping.pop(variant, None)
         finished = time.monotonic()
         took = finished - started
         # short enough that the next body is ready before this one is GZIP_STALE old: it is

@@ -235,6 +235,20 @@ def test_garbage_requests_get_an_answer_and_the_server_lives_on(sims):
         assert httpx.get(f"{running.url}/-/healthy").status_code == 200
 
 
+GZIP_REQUEST = SimpleNamespace(headers={"Accept-Encoding": "gzip"}, method="GET")
+
+
+def shown(response) -> float:
+    """The version a gzip /metrics body shows (published by `publish`)."""
+    text = gzip.decompress(response.body).decode()
+    return float(text.split("\nwhatsapp_test_version ")[1].split("\n")[0])
+
+
+def publish(snapshot: Snapshot, version: float) -> None:
+    snapshot.set_extra("t", [Family("whatsapp_test_version", "gauge", "v", (Sample((), version),))])
+    snapshot.publish()
+
+
 def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
     """A gzip scrape that meets a version not compressed yet gets the previous body if that was
     the newest less than GZIP_STALE ago, and starts the newest one; after it, the next starts only
@@ -243,18 +257,8 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
-    request = SimpleNamespace(headers={"Accept-Encoding": "gzip"}, method="GET")
+    request = GZIP_REQUEST
     zipped = Variant(gzip=True)
-
-    def shown(response) -> float:
-        text = gzip.decompress(response.body).decode()
-        return float(text.split("\nwhatsapp_test_version ")[1].split("\n")[0])
-
-    def publish(snapshot: Snapshot, version: float) -> None:
-        snapshot.set_extra(
-            "t", [Family("whatsapp_test_version", "gauge", "v", (Sample((), version),))]
-        )
-        snapshot.publish()
 
     async def done(snapshot: Snapshot) -> None:
         while snapshot.exposition.ready(zipped) is None:
@@ -280,5 +284,32 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
         assert shown(await server._metrics(request)) == 2
         clock[0] += 0.5  # 2.1 s ago: too old to serve, whatever the rest says
         assert shown(await server._metrics(request)) == 3
+
+    asyncio.run(scenario())
+
+
+def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monkeypatch):
+    """Ten scrapers that each met another new version once started ten compressions at once
+    (1.3 s each): a scrape with nothing recent to fall back on waits for the one on its way."""
+    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
+    computed: list[int] = []
+    original = snapshot_module.Exposition.compute
+
+    def counted(self, variant):
+        computed.append(self.generation)
+        return original(self, variant)
+
+    monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+
+    async def scenario() -> None:
+        snapshot = Snapshot("test")
+        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        publish(snapshot, 1)
+        first = asyncio.ensure_future(server._metrics(GZIP_REQUEST))
+        await asyncio.sleep(0)  # it started compressing version 1
+        publish(snapshot, 2)
+        second = await server._metrics(GZIP_REQUEST)
+        assert shown(await first) == shown(second) == 1
+        assert len(computed) == 1
 
     asyncio.run(scenario())
