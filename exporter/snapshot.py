@@ -92,9 +92,9 @@ COMPRESS_IN_THREAD = 256 << 10  # bytes: below this, gzip costs less than a thre
 
 
 class Exposition:
-    """One published version: the pieces of both formats (the family blocks' bytes, shared with
-    the snapshot, never copied), gzipped per variant on first demand. A plain body is written
-    piece by piece: joining it would be one more copy of the whole exposition (12 MB at 100k
+    """One published version: the pieces of both formats (headers and chunks, shared with the
+    snapshot, never copied), gzipped per variant on first demand. A big plain body is written in
+    batches of pieces: joining it would be one more copy of the whole exposition (12 MB at 100k
     series) for as long as the version is served."""
 
     def __init__(self, generation: int, text: list[bytes], openmetrics: list[bytes]):

@@ -358,7 +358,7 @@ class WebServer:
         a scraper every 15 s always gets a fresh one (it waits for it), scrapers back to back
         share the work."""
         latest = self._latest.get(variant)
-        if not variant.gzip or latest is None:
+        if latest is None:
             return None
         _, body, newest_at = latest
         return body if time.monotonic() - newest_at < GZIP_STALE else None

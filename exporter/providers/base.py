@@ -166,9 +166,10 @@ ANSWERS: contextvars.ContextVar[list[bytes] | None] = contextvars.ContextVar(
 class Client:
     """One account's connections: its base URL, default headers, TLS, proxy and pool.
 
-    aiohttp rather than httpx: at the same answers, httpx cost 2.4-2.9 ms of CPU per request and
-    aiohttp 0.7 ms (bench/http_client.py); at 1,000 numbers the polls were mostly that. The session
-    is opened on the first request, inside the event loop that owns it.
+    aiohttp rather than httpx: at the same answers, httpx cost 2.7 ms of CPU per request and
+    `Api.call` on aiohttp 1.2 ms, its own JSON parsing included (bench/http_client.py); at 1,000
+    numbers the polls were mostly that. The session is opened on the first request, inside the
+    event loop that owns it.
     """
 
     def __init__(
