@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="1/10 of the sizes: a smoke run")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the exporter during scenario 1's scrapes"
+        "--profile",
+        action="store_true",
+        help="py-spy the exporter during scenario 1's scrapes and scenarios 3 and 4's windows",
     )
     parser.add_argument(
         "--cap",
@@ -233,7 +235,7 @@ def measure_scrapes(ctx: Context, exporter: Exporter, fake: Child, up: int) -> l
     with (
         Child.limit(ctx) as limit,
         Child.peer(ctx) as peer,
-        Profiler(ctx, exporter.pid) as profiler,
+        Profiler(ctx, exporter.pid, "the scrapes") as profiler,
     ):
         print(
             f"baselines up: limit (asyncio, one write per response) on :{limit.port}; "
@@ -387,10 +389,11 @@ def update_cpu(ctx: Context, exporter: Exporter, fake: Child, changing: str, ser
     served = wait_served(fake, changing, 1, HOT_INTERVAL * 3 + 10)  # a cycle boundary
     if served is None:
         return (False, f"[3] CPU per update: {changing} was not polled again")
-    cpu, wall = exporter.cpu(), time.monotonic()
-    done = wait_served(fake, changing, cycles, cap, since=served)
-    took = time.monotonic() - wall
-    used = exporter.cpu() - cpu
+    with Profiler(ctx, exporter.pid, "the update cycles"):
+        cpu, wall = exporter.cpu(), time.monotonic()
+        done = wait_served(fake, changing, cycles, cap, since=served)
+        took = time.monotonic() - wall
+        used = exporter.cpu() - cpu
     exporter.check()
     if done is None:
         finished = fake.count(changing) - served
@@ -504,19 +507,20 @@ def scenario_4(ctx: Context) -> list[Result]:
             f"({found.series:,} series); measuring for {window:.0f} s"
         )
         requests = fake.stats()["endpoints"]["kaleyra"]["count"]
-        cpu, wall = exporter.cpu(), time.monotonic()
-        highest = exporter.memory("VmRSS")
-        deadline = wall + window
-        next_scrape = wall
-        scrapes = 0
-        while time.monotonic() < deadline:
-            if time.monotonic() >= next_scrape:  # one Prometheus, every 15 s, gzip
-                exporter.scrape(gzip=True)
-                scrapes += 1
-                next_scrape += 15
-            highest = max(highest, exporter.memory("VmRSS"))
-            time.sleep(0.5)
-        used, took = exporter.cpu() - cpu, time.monotonic() - wall
+        with Profiler(ctx, exporter.pid, "the steady window"):
+            cpu, wall = exporter.cpu(), time.monotonic()
+            highest = exporter.memory("VmRSS")
+            deadline = wall + window
+            next_scrape = wall
+            scrapes = 0
+            while time.monotonic() < deadline:
+                if time.monotonic() >= next_scrape:  # one Prometheus, every 15 s, gzip
+                    exporter.scrape(gzip=True)
+                    scrapes += 1
+                    next_scrape += 15
+                highest = max(highest, exporter.memory("VmRSS"))
+                time.sleep(0.5)
+            used, took = exporter.cpu() - cpu, time.monotonic() - wall
         rss, peak = exporter.memory("VmRSS"), exporter.memory("VmHWM")
         polled = fake.stats()["endpoints"]["kaleyra"]["count"] - requests
         share = 100 * used / took
@@ -1139,13 +1143,15 @@ class CpuSampler:
 
 
 class Profiler:
-    """py-spy on the exporter (only with --profile): own time per function, the hot path."""
+    """py-spy on the exporter (only with --profile) during one measurement: own time per
+    function, the hot path."""
 
-    def __init__(self, ctx: Context, pid: int):
+    def __init__(self, ctx: Context, pid: int, during: str):
         self.ctx = ctx
         self.pid = pid
+        self.during = during
         self.process: subprocess.Popen | None = None
-        self.output = ctx.workdir / "profile.txt"
+        self.output = ctx.workdir / f"profile-{'-'.join(during.split())}.txt"
 
     def __enter__(self) -> Profiler:
         if not self.ctx.profile:
@@ -1172,7 +1178,7 @@ class Profiler:
             stderr=subprocess.PIPE,
             text=True,
         )
-        print(f"py-spy recording the exporter (pid {self.pid}) during the scrapes")
+        print(f"py-spy recording the exporter (pid {self.pid}) during {self.during}")
         return self
 
     def __exit__(self, *exc: object) -> None:
