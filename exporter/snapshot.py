@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import zlib
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -190,21 +192,22 @@ CHUNK = 64  # members joined together: a change re-joins its chunk, not its whol
 
 class _Block:
     """One metric family: its header and, per member (a target, an endpoint, an extra), the
-    member's rendered sample lines, joined in chunks of CHUNK members in sorted order. A changed
-    member re-joins only its chunk: at 1,000 numbers a family has 1,000 members, and a poll
-    changes one. Each chunk keeps its members' lines in a list, so re-joining it is a copy, not
-    a lookup per member. The chunks are cut again only when membership changes."""
+    member's rendered sample lines, kept in sorted order in chunks of CHUNK to 2 x CHUNK members.
+    A changed member re-joins only its chunk: at 1,000 numbers a family has 1,000 members, and a
+    poll changes one. A member that comes or goes is found by bisection and changes only its
+    chunk too (a full new cut, sorting all members, took 2 ms per family: at the end of a first
+    round, or when a target goes stale and comes back, a publication cut ~100 families)."""
 
     __slots__ = (
         "chunks",
         "family",
+        "firsts",
+        "keys",
         "members",
         "om_chunks",
         "om_header",
         "openmetrics",
-        "order",
         "parts",
-        "slot",
         "text_header",
     )
 
@@ -215,10 +218,9 @@ class _Block:
         self.members: dict[tuple[str, ...], bytes] = {}
         # a member's lines where OpenMetrics differs (counters with `_created` after each series)
         self.openmetrics: dict[tuple[str, ...], bytes] = {}
-        self.order: list[tuple[str, ...]] = []
-        # member -> (chunk, place in it); None: membership changed, cut the chunks again
-        self.slot: dict[tuple[str, ...], tuple[int, int]] | None = None
-        self.parts: list[list[bytes]] = []  # each chunk's members' lines, in order
+        self.keys: list[list[tuple[str, ...]]] = []  # each chunk's members, sorted
+        self.parts: list[list[bytes]] = []  # their lines, in the same places
+        self.firsts: list[tuple[str, ...]] = []  # each chunk's first member, for bisection
         # each chunk's lines joined, kept until one of its members changes (None)
         self.chunks: list[bytes | None] = []
         self.om_chunks: list[bytes | None] = []
@@ -228,21 +230,66 @@ class _Block:
         if old == lines:  # a poll hands over all its families, mostly the same bytes as before
             return
         self.members[member] = lines
-        if old is None or self.slot is None:
-            self.slot = None
+        if not self.keys:
+            self._place(0, [member], [lines])
             return
-        i, j = self.slot[member]
-        self.parts[i][j] = lines
+        i = max(bisect_right(self.firsts, member) - 1, 0)
+        keys = self.keys[i]
+        j = bisect_left(keys, member)
+        if old is not None:
+            self.parts[i][j] = lines
+        else:
+            keys.insert(j, member)
+            self.parts[i].insert(j, lines)
+            self.firsts[i] = keys[0]
+            if len(keys) > 2 * CHUNK:
+                self._split(i)
+                return
         self.chunks[i] = self.om_chunks[i] = None
 
     def remove(self, member: tuple[str, ...]) -> None:
         del self.members[member]
         self.openmetrics.pop(member, None)
-        self.slot = None
+        i = max(bisect_right(self.firsts, member) - 1, 0)
+        keys = self.keys[i]
+        j = bisect_left(keys, member)
+        del keys[j]
+        del self.parts[i][j]
+        if len(keys) < CHUNK // 2 and len(self.keys) > 1:  # merge with a neighbour
+            i = i if i + 1 < len(self.keys) else i - 1
+            merged_keys, merged_parts = (
+                self.keys[i] + self.keys[i + 1],
+                self.parts[i] + self.parts[i + 1],
+            )
+            self._drop(i + 1)
+            self._drop(i)
+            self._place(i, merged_keys, merged_parts)
+            if len(merged_keys) > 2 * CHUNK:
+                self._split(i)
+        elif not keys:
+            self._drop(i)
+        else:
+            self.firsts[i] = keys[0]
+            self.chunks[i] = self.om_chunks[i] = None
+
+    def _split(self, i: int) -> None:
+        keys, parts = self.keys[i], self.parts[i]
+        self._drop(i)
+        self._place(i, keys[CHUNK:], parts[CHUNK:])
+        self._place(i, keys[:CHUNK], parts[:CHUNK])
+
+    def _place(self, i: int, keys: list[tuple[str, ...]], parts: list[bytes]) -> None:
+        self.keys.insert(i, keys)
+        self.parts.insert(i, parts)
+        self.firsts.insert(i, keys[0])
+        self.chunks.insert(i, None)
+        self.om_chunks.insert(i, None)
+
+    def _drop(self, i: int) -> None:
+        for column in (self.keys, self.parts, self.firsts, self.chunks, self.om_chunks):
+            del column[i]
 
     def lines(self, openmetrics: bool) -> list[bytes]:
-        if self.slot is None:
-            self._cut()
         chunks = self.chunks
         for i, chunk in enumerate(chunks):
             if chunk is None:
@@ -252,23 +299,13 @@ class _Block:
         own = self.openmetrics
         for i, chunk in enumerate(self.om_chunks):
             if chunk is None:
-                part = self.order[i * CHUNK : (i + 1) * CHUNK]
+                part = self.keys[i]
                 self.om_chunks[i] = (
                     b"".join(own.get(m) or self.members[m] for m in part)
                     if any(m in own for m in part)
                     else chunks[i]
                 )
         return self.om_chunks  # type: ignore[return-value]
-
-    def _cut(self) -> None:
-        self.order = order = sorted(self.members)
-        members = self.members
-        self.parts = [
-            [members[m] for m in order[i : i + CHUNK]] for i in range(0, len(order), CHUNK)
-        ]
-        self.slot = {m: divmod(i, CHUNK) for i, m in enumerate(order)}
-        self.chunks = [None] * len(self.parts)
-        self.om_chunks = [None] * len(self.parts)
 
 
 _HEALTH = {
@@ -312,6 +349,9 @@ class Snapshot:
         self._stale_after = stale_after
         self._clock = clock
         self._targets: dict[TargetKey, TargetState] = {}
+        # no target's values go stale before this: expire() runs every second and looked at all
+        # of them each time (1.5 ms at 1,000 targets)
+        self._next_stale = -math.inf
         self._history: dict[TargetKey, deque[Poll]] = {}
         self._health_labels: dict[TargetKey, str] = {}  # `{account="...",...}` per target
         self._errors: dict[tuple[str, str, str], dict[str, int]] = {}
@@ -335,6 +375,7 @@ class Snapshot:
         and forget every target and counter of endpoints no longer configured."""
         wanted = set(endpoints)
         self._stale_after = stale_after
+        self._next_stale = -math.inf
         now = self._clock()
         for gone in set(self._errors) - wanted:
             del self._errors[gone]
@@ -367,7 +408,7 @@ class Snapshot:
         state = TargetState(
             key, interval, up=True, last_poll=now, last_success=now, duration=duration
         )
-        self._targets[key] = state
+        self._set(state)
         self._remember(key, Poll(now, duration, ""))
         self._put(
             ("v", *_fields(key)),
@@ -386,7 +427,7 @@ class Snapshot:
         state = TargetState(
             key, interval, up=True, last_poll=now, last_success=now, duration=duration
         )
-        self._targets[key] = state
+        self._set(state)
         self._remember(key, Poll(now, duration, ""))
         self._render_health(state)
         return True
@@ -406,7 +447,7 @@ class Snapshot:
             reason=reason,
             failing_since=old.failing_since if old.up is False else now,
         )
-        self._targets[key] = state
+        self._set(state)
         self._remember(key, Poll(now, duration, reason))
         endpoint = (key.provider, key.account, key.endpoint)
         counts = self._errors.get(endpoint)
@@ -437,14 +478,24 @@ class Snapshot:
     def expire(self) -> None:
         """Drop the values of targets with no success for `stale_after` of their intervals."""
         now = self._clock()
+        if now <= self._next_stale:
+            return
+        self._next_stale = math.inf
         for key, state in list(self._targets.items()):
-            if (
-                not state.stale
-                and state.last_success is not None
-                and now - state.last_success > self._stale_after * state.interval
-            ):
+            if state.stale or state.last_success is None:
+                continue
+            due = state.last_success + self._stale_after * state.interval
+            if now > due:
                 self._targets[key] = replace(state, stale=True)
                 self._put(("v", *_fields(key)), ())
+            else:
+                self._next_stale = min(self._next_stale, due)
+
+    def _set(self, state: TargetState) -> None:
+        self._targets[state.key] = state
+        if state.last_success is not None and not state.stale:
+            due = state.last_success + self._stale_after * state.interval
+            self._next_stale = min(self._next_stale, due)
 
     # --- publishing (event loop) ---
 

@@ -283,19 +283,77 @@ def test_a_change_rejoins_only_its_chunk_of_the_family():
         snapshot.succeeded(key, 60, queue(key, 1.0), 0.1)
     snapshot.publish()
     before = [p for p in snapshot.exposition.pieces(False) if p.startswith(b"whatsapp_q{")]
-    assert len(before) == -(-1000 // snapshot_module.CHUNK) > 1
+    assert len(before) > 1
+    assert all(0 < p.count(b"\n") <= 2 * snapshot_module.CHUNK for p in before)
     snapshot.succeeded(keys[500], 60, queue(keys[500], 2.0), 0.1)
     snapshot.publish()
     after = [p for p in snapshot.exposition.pieces(False) if p.startswith(b"whatsapp_q{")]
     rejoined = [i for i, (old, new) in enumerate(zip(before, after, strict=True)) if old is not new]
-    assert rejoined == [500 // snapshot_module.CHUNK]
+    assert len(rejoined) == 1
     assert b'number="+12025550500",provider="kaleyra"} 2.0\n' in after[rejoined[0]]
 
 
-def test_chunks_stay_right_as_targets_come_change_and_go():
+def test_a_member_that_comes_or_goes_rejoins_only_its_chunk():
+    """A new target, or one gone stale, among 1,000: the other chunks of the family stay the
+    same objects (no new cut of the whole family), and the new piece is right."""
+    snapshot = Snapshot("test", clock=lambda: 1_700_000_000.0)
+    snapshot.configure(3, [("kaleyra", "main", "monitor_stats")])
+    keys = [TargetKey("kaleyra", "main", "monitor_stats", f"+1202555{i:04d}") for i in range(1001)]
+
+    def queue(key: TargetKey) -> list[Family]:
+        return [Family("whatsapp_q", "gauge", "q", (Sample((("number", key.target),), 1.0),))]
+
+    def pieces() -> list[bytes]:
+        snapshot.publish()
+        return [p for p in snapshot.exposition.pieces(False) if p.startswith(b"whatsapp_q{")]
+
+    for key in keys[:500] + keys[501:]:
+        snapshot.succeeded(key, 60, queue(key), 0.1)
+    before = pieces()
+    snapshot.succeeded(keys[500], 60, queue(keys[500]), 0.1)  # comes
+    after = pieces()
+    assert len([p for p in after if not any(p is q for q in before)]) <= 2  # one, or its halves
+    body = b"".join(after)
+    assert body.count(b"\n") == 1001
+    assert body.index(b"+12025550499") < body.index(b"+12025550500") < body.index(b"+12025550501")
+    snapshot.retain("kaleyra", "main", "monitor_stats", [k.target for k in keys if k != keys[7]])
+    gone = pieces()  # goes
+    assert len([p for p in gone if not any(p is q for q in after)]) <= 2  # one, or a merge
+    assert b"+12025550007" not in b"".join(gone)
+    assert b"".join(gone).count(b"\n") == 1000
+
+
+def test_a_block_keeps_its_chunks_sorted_and_sized_through_random_changes(monkeypatch):
+    """Members put, changed and removed at random, chunks of 4, in phases that mostly add and
+    mostly remove: after each step the chunks hold the members in order, each between 1 and
+    2 x CHUNK of them, and join to the members' lines."""
+    monkeypatch.setattr(snapshot_module, "CHUNK", 4)
+    rng = random.Random(11)
+    block = snapshot_module._Block(Family("whatsapp_q", "gauge", "q", ()))
+    live: dict[tuple[str, ...], bytes] = {}
+    for step in range(3000):
+        member = ("v", f"{rng.randrange(60):03d}")
+        if member in live and rng.random() < (0.3 if step % 2000 < 1000 else 0.7):
+            block.remove(member)
+            del live[member]
+        else:
+            live[member] = f'q{{n="{member[1]}"}} {step}\n'.encode()
+            block.put(member, live[member])
+        if not live:
+            continue
+        sizes = [len(keys) for keys in block.keys]
+        assert all(1 <= size <= 8 for size in sizes), sizes
+        assert [m for keys in block.keys for m in keys] == sorted(live)
+        assert b"".join(block.lines(False)) == b"".join(live[m] for m in sorted(live))
+
+
+@pytest.mark.parametrize("chunk", [snapshot_module.CHUNK, 4])
+def test_chunks_stay_right_as_targets_come_change_and_go(monkeypatch, chunk):
     """Random polls, failures and removals over 300 targets, published in between: every version
     parses, lists each family's series once in sorted order, with the newest values, in both
-    formats; OpenMetrics has the text's samples plus `_created` lines and `# EOF`."""
+    formats; OpenMetrics has the text's samples plus `_created` lines and `# EOF`. With chunks
+    of 4 members, chunks split and merge all the time."""
+    monkeypatch.setattr(snapshot_module, "CHUNK", chunk)
     rng = random.Random(7)
     now = [1_700_000_000.0]
     snapshot = Snapshot("test", clock=lambda: now[0])
@@ -322,6 +380,9 @@ def test_chunks_stay_right_as_targets_come_change_and_go():
             text = snapshot.exposition.plain.decode()
             lines = [line for line in text.splitlines() if line.startswith("whatsapp_q{")]
             assert lines == sorted(lines)
+            pieces = snapshot.exposition.pieces(False)
+            assert b"" not in pieces
+            assert all(p.count(b"\n") <= 2 * chunk for p in pieces if p.startswith(b"whatsapp_q{"))
             seen = {
                 s.labels["number"]: s.value
                 for f in text_string_to_metric_families(text)

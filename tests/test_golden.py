@@ -12,6 +12,7 @@ import os
 import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import betatel, d7, kaleyra, whatsgate
 from exporter.providers.base import PollError
@@ -223,6 +224,42 @@ def test_stale_target_values_leave_but_up_stays():
     snapshot.expire()
     snapshot.publish()
     assert b"whatsapp_stats_requests" in snapshot.exposition.plain
+
+
+def test_expiry_sees_a_shorter_deadline_that_came_after_it_looked():
+    """expire() skips its walk until the earliest deadline it knows: a target polled more often
+    that came later, and a lower stale_after from a reload, must still be seen in time."""
+    clock = [NOW]
+    snapshot = Snapshot("test", clock=lambda: clock[0])
+    snapshot.configure(3, [("betatel", "eu", "stats")])
+    slow = TargetKey("betatel", "eu", "stats", "today")
+    fast = TargetKey("betatel", "eu", "stats", "yesterday")
+    stats = betatel.WindowStats(1, 1, ())
+    snapshot.succeeded(slow, 60, betatel.stats_families("today", stats), 0.1)
+    clock[0] += 1
+    snapshot.expire()  # the slow one's values stay until NOW + 180
+    clock[0] += 1
+    snapshot.succeeded(fast, 5, betatel.stats_families("yesterday", stats), 0.1)
+
+    def windows() -> set[str]:
+        snapshot.publish()
+        return {
+            s.labels["window"]
+            for f in text_string_to_metric_families(snapshot.exposition.plain.decode())
+            if f.name == "whatsapp_stats_requests"
+            for s in f.samples
+        }
+
+    clock[0] += 14  # 14 s since the fast one's success: under 3 x 5 s
+    snapshot.expire()
+    assert windows() == {"today", "yesterday"}
+    clock[0] += 2
+    snapshot.expire()
+    assert windows() == {"today"}
+    clock[0] = NOW + 61
+    snapshot.configure(1, [("betatel", "eu", "stats")])  # a reload: stale after one interval
+    snapshot.expire()
+    assert windows() == set()
 
 
 def test_publish_renders_only_after_a_change():
