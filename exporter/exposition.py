@@ -9,6 +9,7 @@ written (an invalid name, a label named twice) is dropped and counted by the cal
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -61,7 +62,32 @@ def _escape_value(value: str) -> str:
 
 def label_text(labels: Labels) -> str:
     """`name="value",...` in this order, values escaped: what goes between the braces."""
-    return ",".join(f'{k}="{_escape_value(safe_text(v))}"' for k, v in labels)
+    return ",".join([_pair(k, v) for k, v in labels])
+
+
+def _pair(name: str, value: str) -> str:
+    if len(value) > MAX_LABEL_VALUE or len(name) > MAX_LABEL_VALUE:
+        return f'{name}="{_escape_value(safe_text(value))}"'
+    return _memo_pair(name, value)
+
+
+MEMO = 8192  # label pairs and names remembered: ~1 MB at most, the longest being capped
+
+
+@functools.lru_cache(maxsize=MEMO)
+def _memo_pair(name: str, value: str) -> str:
+    """The same few thousand pairs (numbers, accounts, a client's own labels) come on every
+    poll; escaping each again was a third of writing the lines."""
+    return f'{name}="{_escape_value(safe_text(value))}"'
+
+
+def _label_name_ok(name: str) -> bool:
+    return _memo_name_ok(name) if len(name) <= MAX_LABEL_VALUE else bool(_LABEL_NAME.match(name))
+
+
+@functools.lru_cache(maxsize=MEMO)
+def _memo_name_ok(name: str) -> bool:
+    return bool(_LABEL_NAME.match(name))
 
 
 def valid_name(name: str) -> bool:
@@ -93,7 +119,7 @@ def sample_lines(family: Family, prefix: Labels = ()) -> tuple[bytes, int]:
             continue
         labels = sorted((*prefix, *sample.labels))
         names = [name for name, _ in labels]
-        if len(set(names)) != len(names) or not all(map(_LABEL_NAME.match, names)):
+        if len(set(names)) != len(names) or not all(map(_label_name_ok, names)):
             dropped += 1
             continue
         text = label_text(labels)

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import exposition as exposition_module
 from exporter import snapshot as snapshot_module
 from exporter.exposition import MAX_LABEL_VALUE, float_text, safe_text
 from exporter.metrics import Family, Sample
@@ -398,3 +399,21 @@ def test_chunks_stay_right_as_targets_come_change_and_go(monkeypatch, chunk):
             ]
             assert any("_created" in x for x in om_samples)
             list(openmetrics_families(om))
+
+
+def test_label_pairs_are_remembered_only_when_short():
+    """Label pairs repeat on every poll, so their escaped text is remembered; a hostile answer's
+    long values and names are written each time and never kept, and come out capped all the same."""
+    exposition_module._memo_pair.cache_clear()
+    exposition_module._memo_name_ok.cache_clear()
+    short = Family("whatsapp_q", "gauge", "q", (Sample((("number", 'a"b\\c\n'),), 1.0),))
+    lines, _ = exposition_module.sample_lines(short)
+    assert lines == b'whatsapp_q{number="a\\"b\\\\c\\n"} 1.0\n'
+    assert exposition_module._memo_pair.cache_info().currsize == 1
+    name, value = "n" * (MAX_LABEL_VALUE + 1), "v" * (MAX_LABEL_VALUE * 40)
+    long = Family("whatsapp_q", "gauge", "q", (Sample(((name, value),), 1.0),))
+    lines, dropped = exposition_module.sample_lines(long)
+    assert dropped == 0
+    assert lines == f'whatsapp_q{{{name}="{"v" * (MAX_LABEL_VALUE - 1)}…"}} 1.0\n'.encode()
+    assert exposition_module._memo_pair.cache_info().currsize == 1
+    assert exposition_module._memo_name_ok.cache_info().currsize == 1
