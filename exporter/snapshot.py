@@ -190,122 +190,126 @@ def _gzip(pieces: list[bytes], size: int) -> bytes:
 CHUNK = 64  # members joined together: a change re-joins its chunk, not its whole family
 
 
+class _Chunk:
+    """A run of members in sorted order, their lines, and those lines joined (None: one of them
+    changed since)."""
+
+    __slots__ = ("keys", "om", "parts", "text")
+
+    def __init__(self, keys: list[tuple[str, ...]], parts: list[bytes]):
+        self.keys = keys
+        self.parts = parts
+        self.text: bytes | None = None
+        self.om: bytes | None = None
+
+
 class _Block:
     """One metric family: its header and, per member (a target, an endpoint, an extra), the
     member's rendered sample lines, kept in sorted order in chunks of CHUNK to 2 x CHUNK members.
     A changed member re-joins only its chunk: at 1,000 numbers a family has 1,000 members, and a
-    poll changes one. A member that comes or goes is found by bisection and changes only its
-    chunk too (a full new cut, sorting all members, took 2 ms per family: at the end of a first
-    round, or when a target goes stale and comes back, a publication cut ~100 families)."""
+    poll changes one; it is found in a dict. A member that comes or goes is placed by bisection
+    and changes only its chunk too (a full new cut, sorting all members, took 2 ms per family:
+    at the end of a first round, or when a target went stale and came back, a publication cut
+    ~100 families)."""
 
-    __slots__ = (
-        "chunks",
-        "family",
-        "firsts",
-        "keys",
-        "members",
-        "om_chunks",
-        "om_header",
-        "openmetrics",
-        "parts",
-        "text_header",
-    )
+    __slots__ = ("chunks", "family", "firsts", "om_header", "openmetrics", "text_header", "where")
 
     def __init__(self, family: Family):
         self.family = family
         self.text_header = header(family)
         self.om_header = header(family, openmetrics=True)
-        self.members: dict[tuple[str, ...], bytes] = {}
         # a member's lines where OpenMetrics differs (counters with `_created` after each series)
         self.openmetrics: dict[tuple[str, ...], bytes] = {}
-        self.keys: list[list[tuple[str, ...]]] = []  # each chunk's members, sorted
-        self.parts: list[list[bytes]] = []  # their lines, in the same places
+        self.chunks: list[_Chunk] = []
         self.firsts: list[tuple[str, ...]] = []  # each chunk's first member, for bisection
-        # each chunk's lines joined, kept until one of its members changes (None)
-        self.chunks: list[bytes | None] = []
-        self.om_chunks: list[bytes | None] = []
+        self.where: dict[tuple[str, ...], tuple[_Chunk, int]] = {}  # member -> chunk, place
+
+    def __len__(self) -> int:
+        return len(self.where)
 
     def put(self, member: tuple[str, ...], lines: bytes) -> None:
-        old = self.members.get(member)
-        if old == lines:  # a poll hands over all its families, mostly the same bytes as before
+        found = self.where.get(member)
+        if found is not None:
+            chunk, j = found
+            if chunk.parts[j] == lines:  # a poll hands over all its families, mostly the same
+                return
+            chunk.parts[j] = lines
+            chunk.text = chunk.om = None
             return
-        self.members[member] = lines
-        if not self.keys:
-            self._place(0, [member], [lines])
+        if not self.chunks:
+            self._place(0, _Chunk([member], [lines]))
             return
         i = max(bisect_right(self.firsts, member) - 1, 0)
-        keys = self.keys[i]
-        j = bisect_left(keys, member)
-        if old is not None:
-            self.parts[i][j] = lines
+        chunk = self.chunks[i]
+        j = bisect_left(chunk.keys, member)
+        chunk.keys.insert(j, member)
+        chunk.parts.insert(j, lines)
+        self.firsts[i] = chunk.keys[0]
+        if len(chunk.keys) > 2 * CHUNK:
+            self._split(i)
         else:
-            keys.insert(j, member)
-            self.parts[i].insert(j, lines)
-            self.firsts[i] = keys[0]
-            if len(keys) > 2 * CHUNK:
-                self._split(i)
-                return
-        self.chunks[i] = self.om_chunks[i] = None
+            self._renumber(chunk, j)
 
     def remove(self, member: tuple[str, ...]) -> None:
-        del self.members[member]
+        chunk, j = self.where.pop(member)
         self.openmetrics.pop(member, None)
+        del chunk.keys[j]
+        del chunk.parts[j]
         i = max(bisect_right(self.firsts, member) - 1, 0)
-        keys = self.keys[i]
-        j = bisect_left(keys, member)
-        del keys[j]
-        del self.parts[i][j]
-        if len(keys) < CHUNK // 2 and len(self.keys) > 1:  # merge with a neighbour
-            i = i if i + 1 < len(self.keys) else i - 1
-            merged_keys, merged_parts = (
-                self.keys[i] + self.keys[i + 1],
-                self.parts[i] + self.parts[i + 1],
-            )
+        if len(chunk.keys) < CHUNK // 2 and len(self.chunks) > 1:  # merge with a neighbour
+            i = i if i + 1 < len(self.chunks) else i - 1
+            first, second = self.chunks[i], self.chunks[i + 1]
             self._drop(i + 1)
             self._drop(i)
-            self._place(i, merged_keys, merged_parts)
-            if len(merged_keys) > 2 * CHUNK:
+            self._place(i, _Chunk(first.keys + second.keys, first.parts + second.parts))
+            if len(self.chunks[i].keys) > 2 * CHUNK:
                 self._split(i)
-        elif not keys:
+        elif not chunk.keys:
             self._drop(i)
         else:
-            self.firsts[i] = keys[0]
-            self.chunks[i] = self.om_chunks[i] = None
+            self.firsts[i] = chunk.keys[0]
+            self._renumber(chunk, j)
 
     def _split(self, i: int) -> None:
-        keys, parts = self.keys[i], self.parts[i]
+        keys, parts = self.chunks[i].keys, self.chunks[i].parts
         self._drop(i)
-        self._place(i, keys[CHUNK:], parts[CHUNK:])
-        self._place(i, keys[:CHUNK], parts[:CHUNK])
+        self._place(i, _Chunk(keys[CHUNK:], parts[CHUNK:]))
+        self._place(i, _Chunk(keys[:CHUNK], parts[:CHUNK]))
 
-    def _place(self, i: int, keys: list[tuple[str, ...]], parts: list[bytes]) -> None:
-        self.keys.insert(i, keys)
-        self.parts.insert(i, parts)
-        self.firsts.insert(i, keys[0])
-        self.chunks.insert(i, None)
-        self.om_chunks.insert(i, None)
+    def _place(self, i: int, chunk: _Chunk) -> None:
+        self.chunks.insert(i, chunk)
+        self.firsts.insert(i, chunk.keys[0])
+        self._renumber(chunk, 0)
 
     def _drop(self, i: int) -> None:
-        for column in (self.keys, self.parts, self.firsts, self.chunks, self.om_chunks):
-            del column[i]
+        del self.chunks[i]
+        del self.firsts[i]
+
+    def _renumber(self, chunk: _Chunk, start: int) -> None:
+        """The chunk's members from `start` on moved: only on membership changes."""
+        where = self.where
+        for j in range(start, len(chunk.keys)):
+            where[chunk.keys[j]] = (chunk, j)
+        chunk.text = chunk.om = None
 
     def lines(self, openmetrics: bool) -> list[bytes]:
-        chunks = self.chunks
-        for i, chunk in enumerate(chunks):
-            if chunk is None:
-                chunks[i] = b"".join(self.parts[i])
+        out = []
+        for chunk in self.chunks:
+            if chunk.text is None:
+                chunk.text = b"".join(chunk.parts)
+            out.append(chunk.text)
         if not openmetrics or not self.openmetrics:
-            return chunks  # type: ignore[return-value]
+            return out
         own = self.openmetrics
-        for i, chunk in enumerate(self.om_chunks):
-            if chunk is None:
-                part = self.keys[i]
-                self.om_chunks[i] = (
-                    b"".join(own.get(m) or self.members[m] for m in part)
-                    if any(m in own for m in part)
-                    else chunks[i]
+        for k, chunk in enumerate(self.chunks):
+            if chunk.om is None:
+                chunk.om = (
+                    b"".join(own.get(m) or p for m, p in zip(chunk.keys, chunk.parts, strict=True))
+                    if any(m in own for m in chunk.keys)
+                    else chunk.text
                 )
-        return self.om_chunks  # type: ignore[return-value]
+            out[k] = chunk.om  # type: ignore[assignment]
+        return out
 
 
 _HEALTH = {
@@ -630,7 +634,7 @@ class Snapshot:
         for name in self._owned.get(member, set()) - set(rendered):
             block = self._blocks[name]
             block.remove(member)
-            if not block.members:
+            if not block:
                 del self._blocks[name]
                 self._names = None
         if rendered:

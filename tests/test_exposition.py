@@ -342,9 +342,10 @@ def test_a_block_keeps_its_chunks_sorted_and_sized_through_random_changes(monkey
             block.put(member, live[member])
         if not live:
             continue
-        sizes = [len(keys) for keys in block.keys]
+        sizes = [len(chunk.keys) for chunk in block.chunks]
         assert all(1 <= size <= 8 for size in sizes), sizes
-        assert [m for keys in block.keys for m in keys] == sorted(live)
+        assert [m for chunk in block.chunks for m in chunk.keys] == sorted(live)
+        assert all(block.where[m][0].keys[block.where[m][1]] == m for m in live)
         assert b"".join(block.lines(False)) == b"".join(live[m] for m in sorted(live))
 
 
