@@ -313,3 +313,75 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
         assert len(computed) == 1
 
     asyncio.run(scenario())
+
+
+def test_rhythm_knows_when_a_steady_scraper_comes_next():
+    """Three scrapes at a steady gap of at least RHYTHM_MIN: due one gap after the last. Back to
+    back, unsteady, or too few: not followed. The most recent RHYTHM_KEEP scrapers are kept."""
+    rhythm = web_module.Rhythm()
+    prometheus = ("10.0.0.7", "Prometheus/2.53")
+    assert rhythm.scraped(prometheus, 100.0)[::2] == (None, [])
+    assert rhythm.scraped(prometheus, 115.0)[::2] == (None, [])
+    assert rhythm.scraped(prometheus, 130.2) == (pytest.approx(145.4), pytest.approx(0.2), [])
+    assert rhythm.scraped(prometheus, 140.0)[0] is None  # 9.8 s after 15.2: a new interval
+    assert rhythm.scraped(prometheus, 150.0)[0] == pytest.approx(160.0)  # 10 after 9.8
+    fast = ("10.0.0.8", "curl")
+    for at in (0.0, 1.0, 2.0, 3.0):
+        assert rhythm.scraped(fast, at)[0] is None  # under RHYTHM_MIN: the fallback's business
+    others = [(f"10.0.1.{i}", "x") for i in range(web_module.RHYTHM_KEEP - 2)]
+    for other in others:
+        assert rhythm.scraped(other, 200.0)[2] == []
+    assert rhythm.scraped(("10.0.2.1", "x"), 201.0)[2] == [prometheus]  # the least recent goes
+
+
+def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
+    """Prometheus scrapes at a fixed interval, and with nothing recent to fall back on each
+    scrape waited for a compression. From its third scrape on, the newest version is compressed
+    just before the next one is due: that scrape is served at once, with what was the newest a
+    moment ago, and no other compression is made for it (one per scrape, as before)."""
+    clock = [1000.0]
+    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
+    computed: list[int] = []
+    original = snapshot_module.Exposition.compute
+
+    def counted(self, variant):
+        computed.append(self.generation)
+        return original(self, variant)
+
+    monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+    prometheus = SimpleNamespace(
+        headers={"Accept-Encoding": "gzip", "User-Agent": "Prometheus/2.53"},
+        method="GET",
+        remote="10.0.0.7",
+    )
+    zipped = Variant(gzip=True)
+
+    async def scenario() -> None:
+        snapshot = Snapshot("test")
+        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        for version in (1, 2, 3):  # a new version before each scrape, 15 s apart
+            if version > 1:
+                clock[0] += 15
+            publish(snapshot, version)
+            assert shown(await server._metrics(prometheus)) == version  # waits: nothing recent
+            assert len(computed) == version
+        [(key, timer)] = server._ahead.items()
+        lead = 0.1  # twice the last compression's time (0 by this clock), plus 0.1 s
+        assert timer.when() - asyncio.get_running_loop().time() == pytest.approx(15 - lead, abs=1)
+        timer.cancel()
+        clock[0] += 15 - lead
+        publish(snapshot, 4)
+        server._ahead_of(key)  # what the timer does when it fires
+        while snapshot.exposition.ready(zipped) is None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # the done callback
+        publish(snapshot, 5)  # polls go on meanwhile
+        clock[0] += lead
+        assert shown(await server._metrics(prometheus)) == 4  # the newest 0.1 s ago, at once
+        assert not server._zipping  # and nothing else was started for it
+        assert len(computed) == 4
+        await server.stop()
+        assert not server._ahead
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
