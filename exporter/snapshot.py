@@ -192,15 +192,19 @@ CHUNK = 64  # members joined together: a change re-joins its chunk, not its whol
 
 class _Chunk:
     """A run of members in sorted order, their lines, and those lines joined (None: one of them
-    changed since)."""
+    changed since). `numbered`: False while the places its members have in the block's `where`
+    are out of date, after members came or went; set right on the next look-up. During a first
+    round a chunk gets dozens of new members before any is looked up, and renumbering after each
+    one was 60% of the work."""
 
-    __slots__ = ("keys", "om", "parts", "text")
+    __slots__ = ("keys", "numbered", "om", "parts", "text")
 
     def __init__(self, keys: list[tuple[str, ...]], parts: list[bytes]):
         self.keys = keys
         self.parts = parts
         self.text: bytes | None = None
         self.om: bytes | None = None
+        self.numbered = False
 
 
 class _Block:
@@ -231,6 +235,8 @@ class _Block:
         found = self.where.get(member)
         if found is not None:
             chunk, j = found
+            if not chunk.numbered:
+                chunk, j = self._renumber(chunk, member)
             if chunk.parts[j] == lines:  # a poll hands over all its families, mostly the same
                 return
             chunk.parts[j] = lines
@@ -245,13 +251,17 @@ class _Block:
         chunk.keys.insert(j, member)
         chunk.parts.insert(j, lines)
         self.firsts[i] = chunk.keys[0]
+        self.where[member] = (chunk, j)
+        chunk.numbered = False
+        chunk.text = chunk.om = None
         if len(chunk.keys) > 2 * CHUNK:
             self._split(i)
-        else:
-            self._renumber(chunk, j)
 
     def remove(self, member: tuple[str, ...]) -> None:
-        chunk, j = self.where.pop(member)
+        chunk, j = self.where[member]
+        if not chunk.numbered:
+            chunk, j = self._renumber(chunk, member)
+        del self.where[member]
         self.openmetrics.pop(member, None)
         del chunk.keys[j]
         del chunk.parts[j]
@@ -268,7 +278,8 @@ class _Block:
             self._drop(i)
         else:
             self.firsts[i] = chunk.keys[0]
-            self._renumber(chunk, j)
+            chunk.numbered = False
+            chunk.text = chunk.om = None
 
     def _split(self, i: int) -> None:
         keys, parts = self.chunks[i].keys, self.chunks[i].parts
@@ -279,18 +290,19 @@ class _Block:
     def _place(self, i: int, chunk: _Chunk) -> None:
         self.chunks.insert(i, chunk)
         self.firsts.insert(i, chunk.keys[0])
-        self._renumber(chunk, 0)
+        self.where.update(dict.fromkeys(chunk.keys, (chunk, -1)))  # numbered when looked up
 
     def _drop(self, i: int) -> None:
         del self.chunks[i]
         del self.firsts[i]
 
-    def _renumber(self, chunk: _Chunk, start: int) -> None:
-        """The chunk's members from `start` on moved: only on membership changes."""
+    def _renumber(self, chunk: _Chunk, member: tuple[str, ...]) -> tuple[_Chunk, int]:
+        """The chunk's members' places made right; `member`'s."""
         where = self.where
-        for j in range(start, len(chunk.keys)):
-            where[chunk.keys[j]] = (chunk, j)
-        chunk.text = chunk.om = None
+        for j, key in enumerate(chunk.keys):
+            where[key] = (chunk, j)
+        chunk.numbered = True
+        return where[member]
 
     def lines(self, openmetrics: bool) -> list[bytes]:
         out = []
