@@ -288,9 +288,8 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
     asyncio.run(scenario())
 
 
-def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monkeypatch):
-    """Ten scrapers that each met another new version once started ten compressions at once
-    (1.3 s each): a scrape with nothing recent to fall back on waits for the one on its way."""
+def count_compressions(monkeypatch) -> list[int]:
+    """Every gzip in a thread, and the generation of each compressed, in order."""
     monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
     computed: list[int] = []
     original = snapshot_module.Exposition.compute
@@ -300,6 +299,13 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
         return original(self, variant)
 
     monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+    return computed
+
+
+def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monkeypatch):
+    """Ten scrapers that each met another new version once started ten compressions at once
+    (1.3 s each): a scrape with nothing recent to fall back on waits for the one on its way."""
+    computed = count_compressions(monkeypatch)
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
@@ -341,15 +347,7 @@ def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
     moment ago, and no other compression is made for it (one per scrape, as before)."""
     clock = [1000.0]
     monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
-    computed: list[int] = []
-    original = snapshot_module.Exposition.compute
-
-    def counted(self, variant):
-        computed.append(self.generation)
-        return original(self, variant)
-
-    monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+    computed = count_compressions(monkeypatch)
     prometheus = SimpleNamespace(
         headers={"Accept-Encoding": "gzip", "User-Agent": "Prometheus/2.53"},
         method="GET",
