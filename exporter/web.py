@@ -166,7 +166,7 @@ class WebServer:
         self._zipping: dict[Variant, asyncio.Future[bytes]] = {}  # at most one gzip at a time
         self._took: dict[Variant, float] = {}  # how long the newest compression took
         self._rhythm = Rhythm()
-        self._ahead: dict[tuple[str, Variant], asyncio.TimerHandle] = {}  # scraper -> its timer
+        self._ahead: dict[tuple[tuple[str, str], Variant], asyncio.TimerHandle] = {}  # per scraper
         self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
         self.exposition_bytes = 0
         self._runners: list[web.AppRunner] = []
