@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.providers.d7.ledger import IMPLIES
+from exporter.providers.d7.statuses import IMPLIES
 from simulators import D7Simulator, Fault
 from tests.conftest import Series, parse_exposition, values, wait_for
 

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import betatel, d7, kaleyra, whatsgate
 from exporter.providers.base import PollError
-from exporter.providers.d7.ledger import Totals
 from exporter.snapshot import Snapshot, TargetKey
+from exporter.tracking import Totals
 from tests.conftest import GOLDEN, require_tool
 
 NOW = 1_700_000_000.0

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import d7
 from exporter.providers.base import Api, Client, PollError, scrub
-from exporter.providers.d7.ledger import LedgerError
 from exporter.providers.kaleyra import monitor_stats, translate
 from exporter.ratelimit import RequestBudget
+from exporter.tracking import LedgerError
 from simulators import D7Simulator, Fault, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import run_exporter, value, wait_for
 from tests.test_d7 import AUTH, config, hand_in, tracked
@@ -110,14 +110,20 @@ def test_a_canary_answered_with_a_report_is_bad_response(sim):
     assert errors >= 1
 
 
-def test_webhook_timestamps_out_of_range_are_ignored_and_counted(sim):
+def test_webhook_timestamps_out_of_range_or_no_number_are_ignored_and_counted(sim):
+    """The status is what matters: a bad time loses only the time, never the event."""
     request_id = sim.send()
     with run_exporter(config(sim)) as running:
+        problems = {"account": "prod", "problem": "bad_timestamp"}
+        assert value(running.scrape(), "whatsapp_tracking_problems_total", **problems) == 0
         # JSON has no infinity, but 1e400 is a valid number that parses to one
         body = (
             f'[{{"request_id": "{request_id}", "msg_id": "m1", "status": "sent",'
             f' "timestamp": 1e400}}, {{"request_id": "{request_id}", "msg_id": "m1",'
-            f' "status": "delivered", "timestamp": -5}}]'
+            f' "status": "delivered", "timestamp": -5}}, {{"request_id": "{request_id}",'
+            f' "msg_id": "m1", "status": "read", "timestamp": "soon"}},'
+            f' {{"request_id": "{request_id}", "msg_id": "m2", "status": "sent",'
+            f' "timestamp": {{"ms": 5}}}}]'
         )
         answer = httpx.post(
             f"{running.url}/webhooks/d7/prod",
@@ -126,19 +132,38 @@ def test_webhook_timestamps_out_of_range_are_ignored_and_counted(sim):
             timeout=10,
         )
         assert answer.status_code == 200, answer.text
+        assert answer.json()["accepted"] == 4
         # published on the next coalesced tick, not necessarily before the 200
-        running.wait_for_metric(
-            "whatsapp_tracking_problems_total", account="prod", problem="bad_timestamp"
+        wait_for(
+            lambda: value(running.scrape(), "whatsapp_tracking_problems_total", **problems) == 4,
+            10,
+            "the bad timestamps to be counted",
         )
         series = running.scrape()
     total = value(
         series, "whatsapp_message_delivery_seconds_sum", account="prod", status="delivered"
     )
     assert total is not None and math.isfinite(total)
-    ignored = value(
-        series, "whatsapp_tracking_problems_total", account="prod", problem="bad_timestamp"
-    )
-    assert ignored == 2
+    statuses = {
+        status: value(series, "whatsapp_messages_total", account="prod", status=status)
+        for status in ("sent", "delivered", "read")
+    }
+    assert statuses == {"sent": 2, "delivered": 1, "read": 1}
+
+
+def test_tracking_counters_exist_at_zero_before_anything_happens(sim):
+    """A dashboard of a healthy install shows 0 problems, not an empty panel."""
+    with run_exporter(config(sim)) as running:
+        series = running.scrape()
+    for problem in ("bad_report", "bad_timestamp"):
+        assert (
+            value(series, "whatsapp_tracking_problems_total", account="prod", problem=problem) == 0
+        )
+    for result in ("new", "known", "refused"):
+        assert value(series, "whatsapp_tracking_ids_total", account="prod", result=result) == 0
+    assert value(series, "whatsapp_tracking_webhook_events_total", account="prod") == 0
+    for state in ("pending", "done", "expired"):
+        assert value(series, "whatsapp_tracked_requests", account="prod", state=state) == 0
 
 
 @pytest.mark.parametrize("path", ["/api/v1/requests", "/webhooks/d7/prod"])
