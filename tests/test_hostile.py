@@ -4,8 +4,10 @@ request, never the exporter (the fault matrix covers transport faults across all
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import random
 import uuid
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import d7
-from exporter.providers.base import Api, Client, PollError, scrub
+from exporter.providers.base import Api, Client, PollError, nested_deeper_than, scrub
 from exporter.providers.kaleyra import monitor_stats, translate
 from exporter.ratelimit import RequestBudget
 from exporter.tracking import LedgerError
@@ -288,3 +290,39 @@ def test_a_ledger_that_cannot_be_used_is_storage_not_d7s_fault():
         asyncio.run(follower.cycle(api, ""))
     assert caught.value.reason == "storage"
     assert "disk I/O error" in caught.value.detail
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def test_the_nesting_check_agrees_with_the_parsed_document():
+    """Random documents whose strings hold brackets, quotes and backslashes: the byte-level
+    check says what the parsed document's depth says, at every limit."""
+    rng = random.Random(5)
+    tricky = ["[", "]}", "{", '"', "\\", '\\"[', "x", ""]
+
+    def document(levels: int):
+        if levels == 0 or rng.random() < 0.3:
+            return rng.choice([1, None, *tricky])
+        if rng.random() < 0.5:
+            return [document(levels - 1) for _ in range(rng.choice([0, 1, 1, 2]))]
+        return {
+            f"k{i}{rng.choice(tricky)}": document(levels - 1) for i in range(rng.choice([1, 2]))
+        }
+
+    checked = 0
+    for _ in range(1500):
+        doc = document(rng.randint(1, 80))
+        content = json.dumps(doc).encode()
+        for limit in (1, 3, 10, 64):
+            assert nested_deeper_than(content, limit) == (_depth(doc) > limit), (limit, content)
+            checked += 1
+    assert checked == 6000
+    assert nested_deeper_than(b"[" * 65 + b"]" * 65, 64)
+    assert not nested_deeper_than(b"[" * 64 + b"]" * 64, 64)
+    assert not nested_deeper_than(b'["' + b"[" * 100 + b'"]', 64)
