@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.app import Exporter
 from exporter.config import Config, load_config, parse_config
 from exporter.providers import ACCOUNT_MODELS
+from simulators import KITS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -137,6 +138,20 @@ def run_exporter(
         assert not thread.is_alive(), "the exporter did not stop within 10s"
         if failure:
             raise failure[0]
+
+
+def example_config(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """config.example.yaml, and the environment it needs, as each provider's kit says: its
+    secret files are written under tmp_path and the text points at them."""
+    text = (ROOT / "config.example.yaml").read_text()
+    env: dict[str, str] = {}
+    for name, kit in KITS.items():
+        env.update(kit.example.env)
+        for number, (path, content) in enumerate(kit.example.files.items()):
+            written = tmp_path / f"{name}-{number}"
+            written.write_text(content)
+            text = text.replace(path, str(written))
+    return text, env
 
 
 def require_tool(name: str, apt_package: str) -> str:
