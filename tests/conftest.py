@@ -147,11 +147,17 @@ def example_config(tmp_path: Path) -> tuple[str, dict[str, str]]:
     env: dict[str, str] = {}
     for name, kit in KITS.items():
         env.update(kit.example.env)
-        for number, (path, content) in enumerate(kit.example.files.items()):
-            written = tmp_path / f"{name}-{number}"
-            written.write_text(content)
-            text = text.replace(path, str(written))
+        text = with_secret_files(name, text, tmp_path)
     return text, env
+
+
+def with_secret_files(provider: str, text: str, tmp_path: Path) -> str:
+    """The text with the provider's example secret files written under tmp_path, pointing there."""
+    for number, (path, content) in enumerate(KITS[provider].example.files.items()):
+        written = tmp_path / f"{provider}-{number}"
+        written.write_text(content)
+        text = text.replace(path, str(written))
+    return text
 
 
 def require_tool(name: str, apt_package: str) -> str:
