@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
@@ -158,6 +160,17 @@ def with_secret_files(provider: str, text: str, tmp_path: Path) -> str:
         written.write_text(content)
         text = text.replace(path, str(written))
     return text
+
+
+def alerts() -> list[dict]:
+    """Every alert of prometheus/alerts.yml."""
+    groups = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def require_tool(name: str, apt_package: str) -> str:

@@ -20,8 +20,7 @@ from exporter.providers import ACCOUNT_MODELS, PROVIDERS
 from exporter.providers.base import StateContext
 from mixin.config import SLO_PROVIDERS
 from simulators import KITS
-from tests.conftest import GOLDEN, ROOT, with_secret_files
-from tests.test_rules import alerts, github_anchor
+from tests.conftest import GOLDEN, ROOT, alerts, github_anchor, with_secret_files
 
 NAMES = sorted(set(PROVIDERS) | set(KITS))
 each_provider = pytest.mark.parametrize("name", NAMES)
@@ -143,7 +142,10 @@ def test_dashboard_module_exists_and_is_generated(name):
     kit = kit_of(name)
     module = ROOT / "mixin" / "dashboards" / f"{name}.py"
     assert module.is_file(), f"{name}: no dashboard module mixin/dashboards/{name}.py"
-    build = getattr(importlib.import_module(f"mixin.dashboards.{name}"), name, None)
+    try:
+        build = getattr(importlib.import_module(f"mixin.dashboards.{name}"), name, None)
+    except (ImportError, LookupError) as exc:
+        pytest.fail(f"{name}: mixin/dashboards does not import: {exc}", pytrace=False)
     assert callable(build), f"{name}: mixin/dashboards/{name}.py defines no {name}(config)"
     generated = ROOT / "grafana" / "dashboards" / f"{kit.dashboard}.json"
     assert generated.is_file(), (

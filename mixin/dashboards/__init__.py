@@ -21,7 +21,10 @@ from simulators import KITS
 
 def provider_board(name: str) -> Callable[[Config], Json]:
     """A provider's dashboard: `<name>(config)` in mixin/dashboards/<name>.py."""
-    return getattr(importlib.import_module(f"mixin.dashboards.{name}"), name)
+    build = getattr(importlib.import_module(f"mixin.dashboards.{name}"), name, None)
+    if build is None:
+        raise LookupError(f"mixin/dashboards/{name}.py defines no {name}(config), its dashboard")
+    return build
 
 
 # file name -> what builds it: the three across providers, and one per provider kit
