@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.config import Config, load_config, parse_config
 from exporter.providers import ACCOUNT_MODELS
+from simulators import KITS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -137,6 +140,37 @@ def run_exporter(
         assert not thread.is_alive(), "the exporter did not stop within 10s"
         if failure:
             raise failure[0]
+
+
+def example_config(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """config.example.yaml, and the environment it needs, as each provider's kit says: its
+    secret files are written under tmp_path and the text points at them."""
+    text = (ROOT / "config.example.yaml").read_text()
+    env: dict[str, str] = {}
+    for name, kit in KITS.items():
+        env.update(kit.example.env)
+        text = with_secret_files(name, text, tmp_path)
+    return text, env
+
+
+def with_secret_files(provider: str, text: str, tmp_path: Path) -> str:
+    """The text with the provider's example secret files written under tmp_path, pointing there."""
+    for number, (path, content) in enumerate(KITS[provider].example.files.items()):
+        written = tmp_path / f"{provider}-{number}"
+        written.write_text(content)
+        text = text.replace(path, str(written))
+    return text
+
+
+def alerts() -> list[dict]:
+    """Every alert of prometheus/alerts.yml."""
+    groups = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def require_tool(name: str, apt_package: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from simulators import KITS
 from simulators.whatsgate import WhatsGateSimulator
 from tests.conftest import parse_exposition, require_tool, value, wait_for
 
@@ -58,12 +59,7 @@ def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigte
     began = time.monotonic()
     process = start("--demo", f"--web.listen-address=127.0.0.1:{port}")
     try:
-        wanted = {
-            "whatsgate": "whatsapp_balance_remaining_messages",
-            "betatel": "whatsapp_stats_requests",
-            "kaleyra": "whatsapp_client_app_callback_queue_size",
-            "d7": "whatsapp_messages_total",
-        }
+        wanted = {name: kit.demo.metric for name, kit in KITS.items()}
 
         def every_provider() -> dict | None:
             series = scrape(url)

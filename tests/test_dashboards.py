@@ -24,6 +24,7 @@ import yaml
 
 from exporter.providers.kaleyra import monitor_stats, translate
 from mixin import dashboards as mixin_boards
+from simulators import KITS
 from simulators.kaleyra import KaleyraSimulator
 from tests.conftest import GOLDEN, ROOT, parse_exposition, require_tool
 
@@ -32,12 +33,9 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # file -> the provider it is fixed to (None: it has a `provider` variable; a regex: those)
 BOARDS = {
     "whatsapp-overview.json": None,
-    "whatsapp-whatsgate-devices.json": "whatsgate",
-    "whatsapp-d7-delivery.json": "d7",
-    "whatsapp-kaleyra-client.json": "kaleyra",
-    "whatsapp-betatel-stats.json": "betatel",
     "whatsapp-exporter.json": None,
     "whatsapp-slo.json": "d7|whatsgate|betatel",
+    **{f"{kit.dashboard}.json": name for name, kit in KITS.items()},
 }
 FILTERS = ("job", "instance", "provider", "account")
 VARIABLES = {*FILTERS, "__rate_interval", "__interval", "__range"}
