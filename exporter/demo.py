@@ -12,7 +12,6 @@ import asyncio
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 from exporter.app import Exporter, run_until_stopped
 from exporter.config import Config, parse_config
@@ -46,7 +45,8 @@ def run(listen_address: str, storage_path: str | None = None) -> int:
         return parse_config(text, ACCOUNT_MODELS, source="demo config")
 
     # demo data is throwaway unless a --storage.path says otherwise
-    storage = storage_path or str(Path(tempfile.mkdtemp(prefix="whatsapp-demo-")) / "ledger.db")
+    # (a directory, as --storage.path is: each provider's state is a file in it)
+    storage = storage_path or tempfile.mkdtemp(prefix="whatsapp-demo-")
     exporter = Exporter(load, listen_address, storage_path=storage)
     print("Demo mode: polling the built-in simulators with this config:\n", file=sys.stderr)
     print(text, file=sys.stderr)
