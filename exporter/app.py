@@ -2,7 +2,7 @@
 
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
-through `call_soon_threadsafe`.
+through `call_soon_threadsafe` (docs/architecture.md, "One owner of mutable state").
 """
 
 from __future__ import annotations

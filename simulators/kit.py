@@ -53,7 +53,7 @@ class Probe:
 
 @dataclass(frozen=True)
 class FaultAnswers:
-    """What tests/faultserver.py answers in the provider's own words (providers.md)."""
+    """What tests/faultserver.py answers, in the provider's own words as its API documents them."""
 
     auth: tuple[int, str, Any]  # status, content type, body: a str is sent as it is
     rate_limited: Any  # the 429's body

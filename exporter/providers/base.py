@@ -3,7 +3,7 @@
 A provider turns an account's config into endpoints. Each endpoint names its targets, fetches one
 target into a plain result object, and (separately, as a pure function) turns that result into
 metric families. The scheduler owns timing, errors and the snapshot; a provider owns only what its
-API means.
+API means (docs/architecture.md, "Providers").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ how a statement is sent, how a list of ids is passed in one statement, how a wri
 starts (SQLite: `BEGIN IMMEDIATE`, one writer for the whole file; PostgreSQL: `BEGIN` and advisory
 locks that serialise the writers of one account across every replica), the column types, and
 where request states are counted. Each provider's ledger has its own tables (`Names.prefix`), so
-several share one PostgreSQL database.
+several share one PostgreSQL database (docs/architecture.md, "Delivery tracking").
 """
 
 from __future__ import annotations
