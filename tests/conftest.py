@@ -1,4 +1,7 @@
-"""Shared harness: the exporter runs in a thread on a loopback port against real simulators."""
+"""Shared harness: the exporter runs in a thread on a loopback port against real simulators.
+
+Also the helpers more than one test module needs (import them from here rather than copying
+them)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -27,6 +31,13 @@ from simulators import KITS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (another process may take it before we do)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
@@ -50,6 +61,14 @@ def parse_exposition(text: str) -> Series:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def scrape(url: str, timeout: float = 2) -> Series | None:
+    """GET {url}/metrics, parsed; None while nothing answers there (yet, or any more)."""
+    try:
+        return parse_exposition(httpx.get(f"{url}/metrics", timeout=timeout).text)
+    except httpx.HTTPError:
+        return None
 
 
 def value(series: Series, name: str, /, **labels: str) -> float | None:

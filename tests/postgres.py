@@ -16,7 +16,6 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "exporter"
@@ -124,7 +125,7 @@ def running(*, durable: bool = False) -> Iterator[Server]:
         ],
         as_user,
     )
-    port = _free_port()
+    port = free_port()
     options = [
         "-c listen_addresses=127.0.0.1",
         f"-c port={port}",
@@ -180,12 +181,6 @@ def _run(command: list, as_user: bool) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- fixtures ---------------------------------------------------------------------------------

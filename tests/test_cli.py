@@ -17,13 +17,7 @@ import pytest
 
 from simulators import KITS
 from simulators.whatsgate import WhatsGateSimulator
-from tests.conftest import parse_exposition, require_tool, value, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port, require_tool, scrape, value, wait_for
 
 
 def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
@@ -43,13 +37,6 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=15)
     return process.returncode, stderr, time.monotonic() - began
-
-
-def scrape(url: str) -> dict | None:
-    try:
-        return parse_exposition(httpx.get(f"{url}/metrics", timeout=2).text)
-    except httpx.HTTPError:
-        return None
 
 
 def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigterm():

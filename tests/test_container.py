@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import yaml
 from exporter import __version__
 from exporter.cli import parse_args
 from exporter.web import DEFAULT_PORT
-from tests.conftest import ROOT, require_tool, run_exporter, wait_for
+from tests.conftest import ROOT, free_port, require_tool, run_exporter, wait_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -408,12 +407,6 @@ def alertmanager_binary() -> str:
     if found:
         return found
     return require_tool("prometheus-alertmanager", "prometheus-alertmanager")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,7 +34,7 @@ from exporter.cluster import Shard
 from exporter.config import parse_config, parse_duration
 from exporter.providers import ACCOUNT_MODELS
 from exporter.web import DEFAULT_PORT, parse_listen_address
-from tests.conftest import ROOT, require_tool, wait_for
+from tests.conftest import ROOT, free_port, require_tool, wait_for
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -689,12 +688,6 @@ def require_mdwe() -> None:
             "filter on older kernels",
             pytrace=False,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

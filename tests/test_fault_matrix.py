@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pytest
 import yaml
 
 from simulators import KITS
-from tests.conftest import Series, parse_exposition, require_tool, values, wait_for
+from tests.conftest import Series, free_port, parse_exposition, require_tool, values, wait_for
 from tests.faultserver import DRIP_EVERY, FAULTS, HUGE_BYTES, FaultServer, closed_port
 
 INTERVAL = 2.0  # defaults.interval, and every endpoint's own interval below
@@ -84,12 +83,6 @@ def config(faults: FaultServer, refused: int, healthy: dict[str, str]) -> str:
             )
         data[provider] = accounts
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(url: str) -> tuple[str, Series]:
