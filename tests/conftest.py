@@ -1,7 +1,7 @@
 """Shared harness: the exporter runs in a thread on a loopback port against real simulators.
 
 Also the helpers more than one test module needs (import them from here rather than copying
-them)."""
+them), and the guard that keeps the `processes` marker honest (see `pytest_configure`)."""
 
 from __future__ import annotations
 
@@ -208,3 +208,77 @@ def require_tool(name: str, apt_package: str) -> str:
         f"{apt_package}), or `apt-get install {apt_package}`",
         pytrace=False,
     )
+
+
+# --- tests that start processes -------------------------------------------------------------------
+# Tests marked `processes` (pyproject.toml) start a child process: `python -m exporter`, a
+# simulator process, Prometheus, promtool, Alertmanager, PostgreSQL, Chromium, docker. An
+# exporter in a thread and loopback servers in this process do not count. So that the mark stays
+# true, a test without it that starts a process fails, in every loop. Only `git` is let through:
+# the exporter reads its revision with it (exporter/build.py).
+
+PROCESSES = "processes"
+_LET_THROUGH = {"git"}
+_guarded: pytest.Item | None = None  # the unmarked test now in setup or call, if any
+_spawned: list[str] = []  # what it tried to start
+
+
+def _program(args: object) -> str:
+    first = args.split()[0] if isinstance(args, str | bytes) else next(iter(args))
+    return os.path.basename(os.fsdecode(first))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    execute_child = subprocess.Popen._execute_child
+
+    def guarded(self: subprocess.Popen, args, *rest, **named):
+        if _guarded is not None and _program(args) not in _LET_THROUGH:
+            _spawned.append(repr(args))
+            pytest.fail(
+                f"{_guarded.nodeid} starts a child process ({args!r}) but is not marked "
+                f"`{PROCESSES}`: mark it @pytest.mark.{PROCESSES} (or its module: pytestmark), "
+                "so that `make check` leaves it to `make test`",
+                pytrace=False,
+            )
+        return execute_child(self, args, *rest, **named)
+
+    subprocess.Popen._execute_child = guarded
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the PostgreSQL server (tests/postgres.py) starts one."""
+    for item in items:
+        if {"postgres_server", "postgres_url"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(PROCESSES)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    return (yield from _watching(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    return (yield from _watching(item))
+
+
+def _watching(item: pytest.Item):
+    """Not in teardown: a session's fixtures end in whichever test happens to run last."""
+    global _guarded
+    _guarded = None if item.get_closest_marker(PROCESSES) else item
+    try:
+        return (yield)
+    finally:
+        _guarded = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Also when the failure was raised in another thread, or caught."""
+    report = yield
+    if _spawned and report.when != "teardown":
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = f"started a child process without the `{PROCESSES}` mark: {_spawned}"
+        _spawned.clear()
+    return report

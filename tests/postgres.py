@@ -202,7 +202,10 @@ def postgres_url_fixture(postgres_server: Server) -> Iterator[str]:
         postgres_server.drop_database(name)
 
 
-@pytest.fixture(name="ledger_location", params=["sqlite", "postgresql"])
+@pytest.fixture(
+    name="ledger_location",
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.processes)],
+)
 def ledger_location_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Where a ledger lives, for each backend: a SQLite file, or a PostgreSQL database. The
     server starts only when a PostgreSQL case runs."""

@@ -19,6 +19,8 @@ from simulators import KITS
 from simulators.whatsgate import WhatsGateSimulator
 from tests.conftest import free_port, require_tool, scrape, value, wait_for
 
+pytestmark = pytest.mark.processes  # every test runs `python -m exporter`
+
 
 def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     """Runs in a fresh directory unless told otherwise: the ledger file lands there."""

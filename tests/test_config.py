@@ -83,6 +83,7 @@ def test_invalid_config_reports_every_error_with_its_path(name, monkeypatch):
     assert caught.value.errors == INVALID[name]
 
 
+@pytest.mark.processes
 def test_config_check_prints_all_errors_and_exits_2_without_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "exporter", "--config.check", "--config.file=invalid-values.yml"],
@@ -99,6 +100,7 @@ def test_config_check_prints_all_errors_and_exits_2_without_traceback():
     ]
 
 
+@pytest.mark.processes
 def test_config_check_accepts_a_good_file(tmp_path):
     (tmp_path / "token").write_text("s3cret\n")
     (tmp_path / "config.yaml").write_text(
@@ -117,6 +119,7 @@ def test_config_check_accepts_a_good_file(tmp_path):
     assert (result.returncode, result.stdout) == (0, "config.yaml: OK, 1 account(s)\n")
 
 
+@pytest.mark.processes
 def test_missing_config_file_is_a_message_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "exporter", f"--config.file={tmp_path / 'nope.yaml'}"],

@@ -30,6 +30,8 @@ from exporter.providers.d7.statuses import IMPLIES
 from simulators import D7Simulator, Fault
 from tests.conftest import Series, free_port, scrape, values, wait_for
 
+pytestmark = pytest.mark.processes  # `python -m exporter`, killed and started again
+
 ACCOUNT = "dur"
 INGEST_TOKEN = "ingest-durability"
 IDS = 1000

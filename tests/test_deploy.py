@@ -147,6 +147,7 @@ def test_kustomization_lists_every_manifest_and_nothing_else(kustomization, obje
         assert o["metadata"]["labels"]["app.kubernetes.io/name"] == "whatsapp-exporter"
 
 
+@pytest.mark.processes
 def test_kustomize_builds_it_offline(kustomization) -> None:
     """kubectl's kustomize: the ConfigMap gets its hash suffix and the StatefulSet follows it."""
     kubectl = require_tool("kubectl", "kubectl")
@@ -446,6 +447,7 @@ def test_podmonitor_scrapes_every_replica_as_the_rules_job(objects, statefulset)
 # ---- the PrometheusRule ------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_prometheusrule_is_current() -> None:
     result = subprocess.run(
         [sys.executable, str(GENERATE), "--check"],
@@ -457,6 +459,7 @@ def test_prometheusrule_is_current() -> None:
     assert result.returncode == 0, result.stderr + "\nrun: python deploy/kubernetes/generate.py"
 
 
+@pytest.mark.processes
 def test_prometheusrule_groups_are_the_bundled_rule_files(objects, tmp_path) -> None:
     rule = one(objects, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
@@ -616,6 +619,7 @@ def verifiable_unit(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.processes
 def test_systemd_analyze_verify(tmp_path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     result = subprocess.run(
@@ -628,6 +632,7 @@ def test_systemd_analyze_verify(tmp_path) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
+@pytest.mark.processes
 def test_systemd_analyze_security_offline(tmp_path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     unit_file = verifiable_unit(tmp_path)
@@ -711,6 +716,7 @@ def exporter_under_mdwe(argv: list[str], cwd: Path) -> Iterator[subprocess.Popen
         process.stdout.close()
 
 
+@pytest.mark.processes
 def test_python_and_the_exporter_run_under_memory_deny_write_execute(tmp_path) -> None:
     require_mdwe()
     # the control: under the launcher, a writable and executable mapping is refused

@@ -27,6 +27,8 @@ from mixin.dashboards import panel_queries
 from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import ROOT, free_port, require_tool, run_exporter, wait_for
 
+pytestmark = pytest.mark.processes  # Prometheus, Alertmanager and the exporter as processes
+
 DEVICE = "15550000002"
 FOR = "5s"
 INGEST = "e2e-ingest"

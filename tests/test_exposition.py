@@ -93,6 +93,7 @@ def test_hostile_label_values_round_trip_through_both_parsers():
     assert created and all(s.value == 1_700_000_000.0 for s in created)
 
 
+@pytest.mark.processes
 def test_hostile_exposition_passes_promtool():
     promtool = require_tool("promtool", "prometheus")
     body = _snapshot_with(HOSTILE).exposition.body(Variant())

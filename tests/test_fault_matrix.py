@@ -228,6 +228,7 @@ def after_the_matrix(url: str, promtool: str) -> list[str]:
     return failures
 
 
+@pytest.mark.processes
 def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_path):
     promtool = require_tool("promtool", "prometheus")
     began = time.monotonic()

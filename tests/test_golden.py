@@ -38,6 +38,7 @@ def test_exposition_matches_golden_file(provider):
 
 
 @pytest.mark.parametrize("provider", sorted(KITS))
+@pytest.mark.processes
 def test_golden_files_pass_promtool(provider):
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(

@@ -216,6 +216,7 @@ ledger.record("a", answers(), schedule).result()
 """
 
 
+@pytest.mark.processes
 def test_a_leader_killed_mid_transaction_leaves_nothing_half_written(ledger_location):
     ids = [f"r{i}" for i in range(100)]
     ledger = open_d7_ledger(ledger_location)

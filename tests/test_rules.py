@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mixin.__main__ import rendered
@@ -24,6 +25,7 @@ def test_the_rule_files_are_what_the_mixin_writes():
         assert (ROOT / path).read_text() == files[path], f"{path}: run python -m mixin"
 
 
+@pytest.mark.processes
 def test_rules_are_valid():
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(
@@ -36,6 +38,7 @@ def test_rules_are_valid():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.processes
 def test_every_alert_passes_its_promtool_unit_tests():
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(

@@ -1551,6 +1551,7 @@ def test_kaleyra_is_repeatable_for_a_seed(start: Start) -> None:
 # --- command line -------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_cli_serves_all_providers_and_stops_on_sigterm() -> None:
     port = free_ports(4)
     env = {

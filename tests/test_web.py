@@ -48,6 +48,7 @@ kaleyra:
 """
 
 
+@pytest.mark.processes
 def test_whole_output_passes_promtool_and_the_parser_and_values_move(sims):
     promtool = require_tool("promtool", "prometheus")
     with run_exporter(all_config(sims)) as running:
