@@ -177,6 +177,7 @@ def test_webhook_events_flat_nested_and_batched_start_tracking(sim):
 # --- following ids against the simulator ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lifecycle_counts_each_status_once_and_observes_latency(sim):
     ids = [
         sim.send(recipients=1, conversation_type="utility", message_type="TEXT") for _ in range(4)
@@ -218,6 +219,7 @@ def test_lifecycle_counts_each_status_once_and_observes_latency(sim):
     assert {r.path.rsplit("/", 1)[0] for r in sim.requests} == {"/whatsapp/v2/report"}
 
 
+@pytest.mark.slow
 def test_not_found_is_retried_for_the_grace_then_expired(sim):
     with run_exporter(config(sim, not_found_grace="1s")) as running:
         assert hand_in(running, [str(uuid.uuid4())]).status_code == 202
@@ -253,6 +255,7 @@ def test_an_idle_account_still_proves_its_token(sim):
     assert canary.path == "/whatsapp/v2/report/00000000-0000-4000-8000-000000000000"
 
 
+@pytest.mark.slow
 def test_webhook_and_poll_racing_for_one_message_count_it_once(sim):
     request_id = sim.send(conversation_type="service", message_type="TEXT")
     sim.advance(request_id, "read")

@@ -355,6 +355,7 @@ def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_pa
     assert ok == len(CELLS) and not failures, "\n".join([summary, *failures])
 
 
+@pytest.mark.slow
 def test_the_fault_server_serves_each_fault_as_described():
     """When a cell fails, this says whether the harness or the exporter is to blame."""
     statuses = {"not_found": 404, "rate_limited": 429, "http_500": 500, "http_502_html": 502}

@@ -117,6 +117,7 @@ def test_gzip_health_landing_page_and_unknown_paths(sims):
     assert metrics_post.status_code == 405
 
 
+@pytest.mark.slow
 def test_ready_only_after_the_first_polls(sims):
     sims["whatsgate"].fail("devices_status", Fault.latency(1.5), times=1)
     with run_exporter(all_config(sims, "30s")) as running:
@@ -137,6 +138,7 @@ def _count_bodies(monkeypatch) -> list[object]:
     return made
 
 
+@pytest.mark.slow
 def test_scrapes_never_render(sims, monkeypatch):
     """Lines are written when a poll lands; a scrape joins (once per variant) what is there."""
     renders: list[int] = []
@@ -159,6 +161,7 @@ def test_scrapes_never_render(sims, monkeypatch):
         assert len(bodies) == 1 and len(zipped) == 1
 
 
+@pytest.mark.slow
 def test_a_big_plain_body_is_streamed_block_by_block_and_matches_gzip(sims, monkeypatch):
     """Over STREAM_OVER the plain body is never joined: written as the family blocks, with its
     length up front; HEAD gets the length and no body; both formats stay whole."""
@@ -186,6 +189,7 @@ def test_a_big_plain_body_is_streamed_block_by_block_and_matches_gzip(sims, monk
     parse_exposition(plain.text)
 
 
+@pytest.mark.slow
 def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):
     path = tmp_path / "config.yaml"
     whatsgate_only = all_config(sims, "1s").split("betatel:")[0]
