@@ -366,8 +366,9 @@ def test_histogram_buckets_in_the_exposition(sim):
 
 
 def test_webhook_secret_in_the_path_for_callbacks_that_send_no_header(sim, caplog):
+    """(retry_first: the id is not polled meanwhile: D7 would call it gone, and it would expire.)"""
     secret = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
-    with run_exporter(config(sim, webhook_secret=secret)) as running:
+    with run_exporter(config(sim, webhook_secret=secret, retry_first="1h")) as running:
         event = {"request_id": "r-1", "msg_id": "m", "status": "delivered"}
         good = httpx.post(f"{running.url}/webhooks/d7/prod/{secret}", json=event, timeout=10)
         wrong = httpx.post(f"{running.url}/webhooks/d7/prod/{'x' * 32}", json=event, timeout=10)
