@@ -232,3 +232,18 @@ def test_a_closed_ledger_still_commits_what_was_queued(tmp_path):
     reopened = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
     assert reopened.pending_count("a") == 1
     reopened.close()
+
+
+def test_a_webhook_only_provider_settles_a_message_by_its_final_status(tmp_path):
+    hooks = Vocabulary(**{**CHAT.__dict__, "settled_by_webhooks": True})
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=hooks)
+    for status in ("sent", "delivered", "read", "read"):  # at least once: read comes twice
+        ledger.report("a", [("w1", update("w1", status), None)], SCHEDULE).result()
+    ledger.report("a", [("w2", update("w2", "delivered"), None)], SCHEDULE).result()
+    ledger.report("a", [("w3", update("w3", "failed"), None)], SCHEDULE).result()
+    assert ledger.totals()["a"].states == {"pending": 1, "done": 2, "expired": 0}
+    ledger.close()
+    polled = open_ledger(str(tmp_path / "p.db"), vocabulary=CHAT)  # D7's way: only a poll settles
+    polled.report("a", [("w1", update("w1", "read"), None)], SCHEDULE).result()
+    assert polled.totals()["a"].states == {"pending": 1, "done": 0, "expired": 0}
+    polled.close()

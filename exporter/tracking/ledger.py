@@ -56,6 +56,10 @@ class Vocabulary:
     message_types: frozenset[str]
     names: Names
     timed: tuple[str, ...] = ("delivered", "read")  # observed in the delivery histogram
+    # a webhook that brings a final status settles its message: for a provider that is never
+    # polled per id (Meta), where nothing else would; D7's webhooks speak for one message of a
+    # request, so only its poll settles one
+    settled_by_webhooks: bool = False
 
     def status(self, raw: object) -> str:
         status = str(raw or "").strip().lower().replace(" ", "_").replace("-", "_")
@@ -244,8 +248,8 @@ class Ledger:
         """Delivery webhooks, (request id, status, send time if known) each: an unknown id
         starts being tracked, and each status counts once. Resolves once committed.
 
-        A webhook speaks for one message, so only a poll, whose answer lists every message of
-        the request, decides that a request is done."""
+        Unless the vocabulary says webhooks settle messages, only a poll, whose answer lists
+        every message of the request, decides that a request is done."""
         return self._submit(
             self._report, (account, events, schedule), (account,), merge=("report", account)
         )
@@ -417,7 +421,10 @@ class Ledger:
         by_request: dict[str, list[MessageUpdate]] = defaultdict(list)
         for request_id, update, _ in events:
             by_request[request_id].append(update)
-        self._apply(account, by_request, now)
+        messages = self._apply(account, by_request, now)
+        if self._v.settled_by_webhooks:
+            done = [rid for rid, m in messages.items() if self._settled(m, now, schedule)]
+            self._finish(account, done, "done", now)
 
     def _due(self, account: str, limit: int) -> list[Due]:
         rows = self._store.execute(self._sql.due, (account, self._clock(), limit)).fetchall()
