@@ -1,4 +1,5 @@
-"""Wires config, provider states, scheduler, snapshot and web together; owns reload and shutdown.
+"""Wires config, provider states, scheduler, snapshot, serving and web together; owns reload,
+publication and shutdown.
 
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
@@ -31,6 +32,7 @@ from exporter.providers import PROVIDERS
 from exporter.providers.base import Provider, ProviderState, ProviderStateError, StateContext
 from exporter.routing import Route
 from exporter.scheduler import Scheduler
+from exporter.serving import Scrapes
 from exporter.snapshot import Snapshot
 from exporter.status import Budget, Status
 from exporter.web import Security, WebServer
@@ -116,6 +118,7 @@ class Exporter:
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self.snapshot = Snapshot(self.build.version, build_labels=self.build.labels())
+        self.scrapes = Scrapes(lambda: self.snapshot.exposition)
         self._publish_cost = 0.0
         self._publications = 0
         self._ready_generation: int | None = None
@@ -140,7 +143,7 @@ class Exporter:
         )
         self.web = WebServer(
             self._listen,
-            self.snapshot,
+            self.scrapes,
             ready=self._ready,
             reload=self.reload,
             routes=self._routes,
@@ -404,7 +407,7 @@ class Exporter:
                 "whatsapp_exporter_exposition_bytes",
                 "gauge",
                 "Size of the newest uncompressed /metrics body served.",
-                (Sample((), float(self.web.exposition_bytes)),),
+                (Sample((), float(self.scrapes.exposition_bytes)),),
             ),
             *self._pacing_families(),
             *(_family(metric) for metric in process.collect()),

@@ -13,10 +13,11 @@ import httpx
 import pytest
 
 from exporter import exposition as exposition_module
+from exporter import serving as serving_module
 from exporter import snapshot as snapshot_module
-from exporter import web as web_module
 from exporter.metrics import Family, Sample
-from exporter.snapshot import Snapshot, Variant
+from exporter.serving import Scrapes, Variant
+from exporter.snapshot import Snapshot
 from simulators import Fault
 from simulators.betatel import BetatelSimulator
 from simulators.kaleyra import KaleyraSimulator
@@ -127,11 +128,16 @@ def test_ready_only_after_the_first_polls(sims):
 def _count_bodies(monkeypatch) -> list[object]:
     """The variants whose whole body gets made (joined or gzipped), in order."""
     made: list[object] = []
-    original = snapshot_module.Exposition.compute
+    joined, compress = snapshot_module.Exposition.joined, serving_module.compress
     monkeypatch.setattr(
         snapshot_module.Exposition,
-        "compute",
-        lambda self, variant: made.append(variant) or original(self, variant),
+        "joined",
+        lambda self, om: made.append(Variant(om)) or joined(self, om),
+    )
+    monkeypatch.setattr(
+        serving_module,
+        "compress",
+        lambda exposition, om: made.append(Variant(om, gzip=True)) or compress(exposition, om),
     )
     return made
 
@@ -161,7 +167,7 @@ def test_scrapes_never_render(sims, monkeypatch):
 def test_a_big_plain_body_is_streamed_block_by_block_and_matches_gzip(sims, monkeypatch):
     """Over STREAM_OVER the plain body is never joined: written as the family blocks, with its
     length up front; HEAD gets the length and no body; both formats stay whole."""
-    monkeypatch.setattr(web_module, "STREAM_OVER", 1000)  # the small test exposition streams
+    monkeypatch.setattr(serving_module, "STREAM_OVER", 1000)  # the small test exposition streams
     joined = _count_bodies(monkeypatch)
     with run_exporter(all_config(sims, "1h")) as running:
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
@@ -255,50 +261,50 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
     after a rest (GZIP_REST times as long as it took); a body older than GZIP_STALE is never
     served: that scrape waits for the newest (a scraper every 15 s always gets fresh data)."""
     clock = [1000.0]
-    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(serving_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
     request = GZIP_REQUEST
     zipped = Variant(gzip=True)
 
-    async def done(snapshot: Snapshot) -> None:
-        while snapshot.exposition.ready(zipped) is None:
+    async def done(scrapes: Scrapes) -> None:
+        while scrapes.ready(zipped) is None:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0)  # the done callback
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         publish(snapshot, 1)
-        assert shown(await server._metrics(request)) == 1  # nothing to fall back on: waits
+        assert shown(await scrapes.answer(request)) == 1  # nothing to fall back on: waits
         publish(snapshot, 2)
-        assert shown(await server._metrics(request)) == 1  # the previous one, the newest is started
+        assert shown(await scrapes.answer(request)) == 1  # the previous one, the newest is started
         clock[0] += 0.5  # compressing takes 0.5 s (by this clock)
-        await done(snapshot)
-        assert shown(await server._metrics(request)) == 2
+        await done(scrapes)
+        assert shown(await scrapes.answer(request)) == 2
         publish(snapshot, 3)
         clock[0] += 0.1
-        assert shown(await server._metrics(request)) == 2  # resting: min(4 x 0.5, 2 - 2.5 x 0.5) s
+        assert shown(await scrapes.answer(request)) == 2  # resting: min(4 x 0.5, 2 - 2.5 x 0.5) s
         await asyncio.sleep(0.05)
-        assert snapshot.exposition.ready(zipped) is None  # nothing was started
+        assert scrapes.ready(zipped) is None  # nothing was started
         clock[0] += 1.5  # version 2 was the newest 1.6 s ago
-        assert shown(await server._metrics(request)) == 2
+        assert shown(await scrapes.answer(request)) == 2
         clock[0] += 0.5  # 2.1 s ago: too old to serve, whatever the rest says
-        assert shown(await server._metrics(request)) == 3
+        assert shown(await scrapes.answer(request)) == 3
 
     asyncio.run(scenario())
 
 
 def count_compressions(monkeypatch) -> list[int]:
     """Every gzip in a thread, and the generation of each compressed, in order."""
-    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
+    monkeypatch.setattr(serving_module, "COMPRESS_IN_THREAD", 0)
     computed: list[int] = []
-    original = snapshot_module.Exposition.compute
+    original = serving_module.compress
 
-    def counted(self, variant):
-        computed.append(self.generation)
-        return original(self, variant)
+    def counted(exposition, openmetrics):
+        computed.append(exposition.generation)
+        return original(exposition, openmetrics)
 
-    monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+    monkeypatch.setattr(serving_module, "compress", counted)
     return computed
 
 
@@ -309,12 +315,12 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         publish(snapshot, 1)
-        first = asyncio.ensure_future(server._metrics(GZIP_REQUEST))
+        first = asyncio.ensure_future(scrapes.answer(GZIP_REQUEST))
         await asyncio.sleep(0)  # it started compressing version 1
         publish(snapshot, 2)
-        second = await server._metrics(GZIP_REQUEST)
+        second = await scrapes.answer(GZIP_REQUEST)
         assert shown(await first) == shown(second) == 1
         assert len(computed) == 1
 
@@ -324,7 +330,7 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
 def test_rhythm_knows_when_a_steady_scraper_comes_next():
     """Three scrapes at a steady gap of at least RHYTHM_MIN: due one gap after the last. Back to
     back, unsteady, or too few: not followed. The most recent RHYTHM_KEEP scrapers are kept."""
-    rhythm = web_module.Rhythm()
+    rhythm = serving_module.Rhythm()
     prometheus = ("10.0.0.7", "Prometheus/2.53")
     assert rhythm.scraped(prometheus, 100.0)[::2] == (None, [])
     assert rhythm.scraped(prometheus, 115.0)[::2] == (None, [])
@@ -334,7 +340,7 @@ def test_rhythm_knows_when_a_steady_scraper_comes_next():
     fast = ("10.0.0.8", "curl")
     for at in (0.0, 1.0, 2.0, 3.0):
         assert rhythm.scraped(fast, at)[0] is None  # under RHYTHM_MIN: the fallback's business
-    others = [(f"10.0.1.{i}", "x") for i in range(web_module.RHYTHM_KEEP - 2)]
+    others = [(f"10.0.1.{i}", "x") for i in range(serving_module.RHYTHM_KEEP - 2)]
     for other in others:
         assert rhythm.scraped(other, 200.0)[2] == []
     assert rhythm.scraped(("10.0.2.1", "x"), 201.0)[2] == [prometheus]  # the least recent goes
@@ -346,7 +352,7 @@ def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
     just before the next one is due: that scrape is served at once, with what was the newest a
     moment ago, and no other compression is made for it (one per scrape, as before)."""
     clock = [1000.0]
-    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     computed = count_compressions(monkeypatch)
     prometheus = SimpleNamespace(
         headers={"Accept-Encoding": "gzip", "User-Agent": "Prometheus/2.53"},
@@ -357,29 +363,29 @@ def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         for version in (1, 2, 3):  # a new version before each scrape, 15 s apart
             if version > 1:
                 clock[0] += 15
             publish(snapshot, version)
-            assert shown(await server._metrics(prometheus)) == version  # waits: nothing recent
+            assert shown(await scrapes.answer(prometheus)) == version  # waits: nothing recent
             assert len(computed) == version
-        [(key, timer)] = server._ahead.items()
+        [(key, timer)] = scrapes._ahead.items()
         lead = 0.1  # twice the last compression's time (0 by this clock), plus 0.1 s
         assert timer.when() - asyncio.get_running_loop().time() == pytest.approx(15 - lead, abs=1)
         timer.cancel()
         clock[0] += 15 - lead
         publish(snapshot, 4)
-        server._ahead_of(key)  # what the timer does when it fires
-        while snapshot.exposition.ready(zipped) is None:
+        scrapes._ahead_of(key)  # what the timer does when it fires
+        while scrapes.ready(zipped) is None:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0)  # the done callback
         publish(snapshot, 5)  # polls go on meanwhile
         clock[0] += lead
-        assert shown(await server._metrics(prometheus)) == 4  # the newest 0.1 s ago, at once
-        assert not server._zipping  # and nothing else was started for it
+        assert shown(await scrapes.answer(prometheus)) == 4  # the newest 0.1 s ago, at once
+        assert not scrapes._zipping  # and nothing else was started for it
         assert len(computed) == 4
-        await server.stop()
-        assert not server._ahead
+        scrapes.stop()
+        assert not scrapes._ahead
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
