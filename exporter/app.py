@@ -25,9 +25,10 @@ from typing import Any
 from prometheus_client import ProcessCollector
 
 from exporter import build as builds
-from exporter.cluster import Election, LockSession, Shard
+from exporter.cluster import Election, LockSession
 from exporter.config import Config, ConfigError, redacted
 from exporter.metrics import Family, Sample
+from exporter.options import Options
 from exporter.providers import PROVIDERS
 from exporter.providers.base import Provider, ProviderState, ProviderStateError, StateContext
 from exporter.routing import Route
@@ -35,7 +36,7 @@ from exporter.scheduler import Scheduler
 from exporter.serving import Scrapes
 from exporter.snapshot import Snapshot
 from exporter.status import Budget, Status
-from exporter.web import Security, WebServer
+from exporter.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ PUBLISH_DELAY = (0.05, 1.0)
 # The exporter's own metrics (HTTP requests, process) change on every scrape; they are refreshed
 # this often rather than on each, so a scrape never makes the next scrape join a new exposition.
 SELF_EVERY = 10.0
-DEFAULT_STORAGE = "data"
 GC_YOUNG = 10_000  # allocations between two young collections (Python's default: 700)
 
 
@@ -74,43 +74,18 @@ class Exporter:
     def __init__(
         self,
         load: Callable[[], Config],
-        listen_address: str,
+        options: Options,
         *,
-        storage_path: str = DEFAULT_STORAGE,
-        strict: bool = False,
         providers: Mapping[str, Provider] = PROVIDERS,
-        lifecycle: bool = False,
-        ingest_address: str | None = None,
-        security: Callable[[], Security] | None = None,
-        tls: Callable[[], Any] | None = None,
-        ingest_tls: Callable[[], Any] | None = None,
         build: builds.Build | None = None,
-        storage_url: str | None = None,
-        storage_password: str | None = None,
-        shard: Shard | None = None,
-        lease: float = 15.0,
-        own_process: bool = False,
     ):
         self._load = load
-        # the exporter is the whole process (the command line, not a test or the demo's
-        # thread): it may tune the process's garbage collector
-        self._own_process = own_process
-        self._listen = listen_address
-        self._storage_path = storage_path
-        self._strict = strict
+        self.options = options
         self._providers = providers
-        self._lifecycle = lifecycle
-        self._ingest_address = ingest_address
-        self._security = security
-        self._tls = tls
-        self._ingest_tls = ingest_tls
         self.build = build or builds.current()
-        self._storage_url = storage_url
-        self._storage_password = storage_password
-        self.shard = shard or Shard(0, 1)
-        self._lease = lease
+        self.shard = options.shard
         # without a shared database there is no one to elect: this process leads
-        self.leader = storage_url is None
+        self.leader = options.storage_url is None
         self._election: Election | None = None
         self._config: Config | None = None
         self.states: dict[str, ProviderState] = {}
@@ -138,20 +113,24 @@ class Exporter:
         self._config = config
         # provider states open before anything listens: a bad --storage.path stops the start
         self._open_states()
+        options = self.options
         self.scheduler = Scheduler(
-            self.snapshot, self._providers, states=self.states, strict=self._strict
+            self.snapshot, self._providers, states=self.states, strict=options.strict
         )
+        guard = options.guard
         self.web = WebServer(
-            self._listen,
+            options.listen_address,
             self.scrapes,
             ready=self._ready,
             reload=self.reload,
             routes=self._routes,
-            lifecycle=self._lifecycle,
-            ingest_address=self._ingest_address,
-            **({"security": self._security} if self._security else {}),
-            **({"tls": self._tls} if self._tls else {}),
-            **({"ingest_tls": self._ingest_tls} if self._ingest_tls else {}),
+            lifecycle=options.lifecycle,
+            ingest_address=options.ingest_address,
+            **(
+                {"security": guard.security, "tls": guard.tls, "ingest_tls": guard.ingest_tls}
+                if guard
+                else {}
+            ),
             status=self._status,
             config_view=lambda: redacted(self._config) if self._config else "",
         )
@@ -159,17 +138,16 @@ class Exporter:
         own = asyncio.create_task(self._own_metrics_forever())
         tasks = [publisher, own]
         self.snapshot.set_extra("~leader", [self._leader_family()])
-        if self._storage_url is not None:
+        if options.storage_url is not None:
+            url = options.storage_url
             self._election = Election(
                 self.shard,
-                lambda: LockSession.open(
-                    self._storage_url, self._storage_password, self._lease / 3
-                ),
-                lease=self._lease,
+                lambda: LockSession.open(url, options.storage_password, options.lease / 3),
+                lease=options.lease,
                 on_change=self._leadership,
             )
             tasks.append(asyncio.create_task(self._election.run()))
-        if self._own_process:
+        if options.own_process:
             _settle()
         try:
             await self.scheduler.apply(self._polled(config))
@@ -179,11 +157,11 @@ class Exporter:
                 "listening",
                 extra={
                     "fields": {
-                        "address": self._listen,
+                        "address": options.listen_address,
                         "port": self.port,
                         **(
                             {"ingest_port": self.web.port_of("ingest")}
-                            if self._ingest_address
+                            if options.ingest_address
                             else {}
                         ),
                         "version": self.build.version,
@@ -260,7 +238,7 @@ class Exporter:
     # --- provider states ---
 
     def _open_states(self) -> None:
-        storage = Path(self._storage_path)
+        storage = Path(self.options.storage_path)
         legacy = storage.suffix == ".db" or storage.is_file()
         if legacy:
             log.warning(
@@ -275,8 +253,8 @@ class Exporter:
                 storage_path=str(storage if legacy else storage / f"{name}.db"),
                 accounts=lambda name=name: self._accounts(name),
                 changed=lambda name=name: self._state_changed_from_any_thread(name),
-                storage_url=self._storage_url,
-                storage_password=self._storage_password,
+                storage_url=self.options.storage_url,
+                storage_password=self.options.storage_password,
             )
             self.states[name] = provider.open_state(context)
             self._refresh_state(name)
@@ -355,7 +333,7 @@ class Exporter:
     async def _publish_forever(self) -> None:
         """Coalesced: publish on the first change, then wait in proportion to what that cost."""
         low, high = PUBLISH_DELAY
-        settled = not self._own_process
+        settled = not self.options.own_process
         while True:
             await self.snapshot.changed()
             if not settled and self.scheduler is not None and self.scheduler.ready:

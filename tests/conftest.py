@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.config import Config, load_config, parse_config
+from exporter.options import Options
 from exporter.providers import ACCOUNT_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,10 @@ def run_exporter(
 
     storage = storage or Path(tempfile.mkdtemp(prefix="storage-"))
     options = {"lifecycle": True, **options}  # tests reload through POST /-/reload
-    exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict, **options)
+    exporter = Exporter(
+        load,
+        Options("127.0.0.1:0", storage_path=str(storage), strict=strict, **options),
+    )
     first = load()
     failure: list[BaseException] = []
 
