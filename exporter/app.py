@@ -3,7 +3,7 @@ publication and shutdown.
 
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
-through `call_soon_threadsafe`.
+through `call_soon_threadsafe`, which only marks its families outdated for the next publication.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import signal
@@ -257,7 +258,7 @@ class Exporter:
                 storage_password=self.options.storage_password,
             )
             self.states[name] = provider.open_state(context)
-            self._refresh_state(name)
+            self.snapshot.follow(name, functools.partial(self._state_families, name))
 
     def _accounts(self, provider: str) -> dict[str, Any]:
         config = self._config
@@ -267,18 +268,20 @@ class Exporter:
         return [route for state in self.states.values() for route in state.routes()]
 
     def _state_changed_from_any_thread(self, name: str) -> None:
+        """Only marks the state's families outdated: they are rendered once, at the next
+        publication, however many changes come before it."""
         assert self._loop is not None
         if _on_loop(self._loop):
-            self._refresh_state(name)
+            self.snapshot.outdated(name)
         else:
-            self._loop.call_soon_threadsafe(self._refresh_state, name)
+            self._loop.call_soon_threadsafe(self.snapshot.outdated, name)
 
-    def _refresh_state(self, name: str) -> None:
-        """Counters kept by a provider itself: shown as soon as they change, never stale, and
-        only by the replica that leads their accounts' shard (they come from the shared ledger,
-        so they continue where the previous leader left them)."""
+    def _state_families(self, name: str) -> list[Family]:
+        """Counters kept by a provider itself: shown from the publication after they change,
+        never stale, and only by the replica that leads their accounts' shard (they come from
+        the shared ledger, so they continue where the previous leader left them)."""
         families = self.states[name].families() if self.leader else []
-        self.snapshot.set_extra(name, [self._owned(f) for f in families])
+        return [self._owned(f) for f in families]
 
     def _owned(self, family: Family) -> Family:
         if self.shard.count == 1:
@@ -316,7 +319,7 @@ class Exporter:
             if self._config is not None:
                 await self.scheduler.apply(self._polled(self._config))
         for name in self.states:
-            self._refresh_state(name)
+            self.snapshot.outdated(name)
         self.snapshot.set_extra("~leader", [self._leader_family()])
 
     def _leader_family(self) -> Family:
