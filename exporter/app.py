@@ -4,6 +4,7 @@ publication and shutdown.
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
 through `call_soon_threadsafe`, which only marks its families outdated for the next publication.
+A reload publishes before it answers (and logs), so whoever checks /metrics next sees its result.
 """
 
 from __future__ import annotations
@@ -218,12 +219,15 @@ class Exporter:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def reload(self) -> tuple[bool, str]:
+        """Answered (and logged) once its result is on /metrics: automation checks
+        `whatsapp_exporter_config_last_reload_successful` right after, as with Prometheus."""
         assert self._reload_lock is not None and self.scheduler is not None
         async with self._reload_lock:
             try:
                 config = self._load()
             except ConfigError as exc:
                 self.snapshot.reload_result(False)
+                self._publish_now()
                 for error in exc.errors:
                     log.error(
                         "reload failed, keeping the running config",
@@ -233,6 +237,7 @@ class Exporter:
             self._config = config
             await self.scheduler.apply(self._polled(config))
             self.snapshot.reload_result(True)
+            self._publish_now()
             log.info("config reloaded", extra={"fields": {"accounts": len(config.accounts())}})
             return True, "Reloaded."
 
@@ -342,11 +347,20 @@ class Exporter:
             if not settled and self.scheduler is not None and self.scheduler.ready:
                 settled = True
                 _settle()
-            started = time.perf_counter()
-            self.snapshot.publish()
-            self._publish_cost = time.perf_counter() - started
-            self._publications += 1
+            self._publish()
             await asyncio.sleep(min(high, max(low, PUBLISH_COST_FACTOR * self._publish_cost)))
+
+    def _publish(self) -> None:
+        started = time.perf_counter()
+        if self.snapshot.publish():
+            self._publications += 1
+        self._publish_cost = time.perf_counter() - started
+
+    def _publish_now(self) -> None:
+        """Out of turn, for an answer that promises what /metrics shows: every later scrape,
+        gzip ones too, sees this version or a newer one."""
+        self._publish()
+        self.scrapes.show_from(self.snapshot.exposition.generation)
 
     async def _own_metrics_forever(self) -> None:
         process = ProcessCollector(registry=None)

@@ -7,7 +7,9 @@ made at most once per published exposition, and a gzip scrape that arrives while
 is still being compressed gets the previous one rather than waiting, if that one was the newest
 a moment ago (GZIP_STALE). Scrapers back to back get a new gzip after a rest (GZIP_REST), not one
 per version. A scraper at a steady interval (Prometheus) has its next body compressed just before
-it is due (Rhythm), so it finds it ready instead of waiting for a compression.
+it is due (Rhythm), so it finds it ready instead of waiting for a compression. A reload's answer
+may promise that every later scrape shows its version at least (`show_from`): no fallback older
+than that is served.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Scrapes:
         self._rest_until: dict[Variant, float] = {}
         self._zipping: dict[Variant, tuple[int, asyncio.Future[bytes]]] = {}  # one at a time
         self._took: dict[Variant, float] = {}  # how long the newest compression took
+        self._floor = 0  # no gzip body of an older generation is served any more
         self._rhythm = Rhythm()
         self._ahead: dict[tuple[Scraper, Variant], asyncio.TimerHandle] = {}  # per scraper
         self.exposition_bytes = 0  # the newest uncompressed body served
@@ -85,6 +88,10 @@ class Scrapes:
         for timer in self._ahead.values():
             timer.cancel()
         self._ahead.clear()
+
+    def show_from(self, generation: int) -> None:
+        """From now on every scrape shows this version or a newer one: a reload was answered."""
+        self._floor = max(self._floor, generation)
 
     def ready(self, variant: Variant) -> bytes | None:
         """The newest exposition's gzip body, if it is made."""
@@ -129,11 +136,18 @@ class Scrapes:
     async def _wait(self, variant: Variant) -> bytes:
         """Nothing recent enough at hand: wait for the compression on its way (its version was
         the newest when it started, a moment ago), or for this version's; one at a time, as ten
-        scrapers that each started their own once took 1.3 s."""
-        zipping = self._zipping.get(variant)
-        if zipping is None or zipping[1].done():
-            zipping = self._zip(self._exposition(), variant)
-        return await asyncio.shield(zipping[1])
+        scrapers that each started their own once took 1.3 s. One older than a promised version
+        is waited for, then the newest is made."""
+        while True:
+            if (body := self.ready(variant)) is not None:
+                return body
+            zipping = self._zipping.get(variant)
+            if zipping is None or zipping[1].done():
+                zipping = self._zip(self._exposition(), variant)
+            generation, work = zipping
+            body = await asyncio.shield(work)
+            if generation >= self._floor:
+                return body
 
     def _follow(self, request: web.Request, variant: Variant) -> bool:
         """Note this gzip scrape; if its scraper comes at a steady interval (Prometheus does),
@@ -166,11 +180,11 @@ class Scrapes:
         self._zip(self._exposition(), variant)
 
     def _fallback(self, variant: Variant) -> bytes | None:
-        """The newest gzip body at hand, if it was the newest version less than GZIP_STALE ago:
-        a scraper every 15 s always gets a fresh one (it waits for it), scrapers back to back
-        share the work."""
+        """The newest gzip body at hand, if it was the newest version less than GZIP_STALE ago
+        (and is not older than a reload's answer promised): a scraper every 15 s always gets a
+        fresh one (it waits for it), scrapers back to back share the work."""
         zipped = self._zipped.get(variant)
-        if zipped is None:
+        if zipped is None or zipped.generation < self._floor:
             return None
         return zipped.body if time.monotonic() - zipped.newest_at < GZIP_STALE else None
 

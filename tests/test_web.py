@@ -224,6 +224,33 @@ def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):
         assert not any(dict(labels).get("provider") == "kaleyra" for _, labels in series)
 
 
+RELOADS = 16
+
+
+def test_a_reload_is_on_metrics_when_it_is_answered(sims, tmp_path):
+    """Automation checks whatsapp_exporter_config_last_reload_successful right after POST
+    /-/reload answers, as Prometheus has it updated before answering: every scrape after the
+    answer, gzip or plain, shows the result. The publication once followed the answer by up to
+    its coalescing delay (50 ms with polls running), so this is repeated, bad and good in turn."""
+    path = tmp_path / "config.yaml"
+    good = all_config(sims, "1s")
+    path.write_text(good)
+    with run_exporter(path) as running, httpx.Client(timeout=30) as client:
+        wait_for(lambda: client.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        for attempt in range(RELOADS):
+            ok = attempt % 2 == 1
+            path.write_text(good if ok else good + "bogus: 1\n")
+            answer = client.post(f"{running.url}/-/reload")
+            assert answer.status_code == (200 if ok else 500)
+            for encoding in ("gzip", "identity"):
+                scraped = client.get(
+                    f"{running.url}/metrics", headers={"Accept-Encoding": encoding}
+                )
+                series = parse_exposition(scraped.text)
+                shown = value(series, "whatsapp_exporter_config_last_reload_successful")
+                assert shown == float(ok), f"reload {attempt} ({encoding}): {shown}"
+
+
 def test_garbage_requests_get_an_answer_and_the_server_lives_on(sims):
     with run_exporter(all_config(sims, "30s")) as running:
         port = int(running.url.rsplit(":", 1)[1])
@@ -292,6 +319,32 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
         assert shown(await scrapes.answer(request)) == 3
 
     asyncio.run(scenario())
+
+
+def test_a_gzip_scrape_after_a_reload_was_answered_never_gets_an_older_version(monkeypatch):
+    """A reload's answer promises that /metrics shows its result (`show_from`): a gzip scrape
+    then neither falls back to a body older than that version nor takes an older one that was
+    on its way: it waits for that one, then for the promised version's."""
+    clock = [1000.0]
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    computed = count_compressions(monkeypatch)
+
+    async def scenario() -> None:
+        snapshot = Snapshot("test")
+        scrapes = Scrapes(lambda: snapshot.exposition)
+        publish(snapshot, 1)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 1
+        publish(snapshot, 2)
+        scrapes.show_from(snapshot.exposition.generation)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 2  # not 1, the newest a moment ago
+        publish(snapshot, 3)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 2  # the fallback: 3 is on its way
+        publish(snapshot, 4)
+        scrapes.show_from(snapshot.exposition.generation)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 4  # 3 made, then 4
+        assert computed == [snapshot.exposition.generation - g for g in (3, 2, 1, 0)]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 def count_compressions(monkeypatch) -> list[int]:
