@@ -3,7 +3,8 @@
 aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
 and no thread ever touches exporter state. /metrics is answered by the serving room
 (exporter.serving: formats, gzip, streaming); this module routes to it, to the landing page,
-health, readiness, reload and providers' routes, and counts every answer by handler and code.
+health, readiness, reload and providers' routes, and counts every answer by handler and code
+(the built-in handlers' usual codes from 0).
 
 Two listeners at most: the main one serves everything, behind the web config's TLS and basic
 auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
@@ -89,6 +90,15 @@ _BUILT_IN = {
     "/-/ready": "GET, HEAD",
     "/-/reload": "POST",
 }
+# what the built-in handlers answer in the normal run of things: counted from 0 (auth refusals,
+# 404s and providers' routes only once they happen)
+_USUAL = {
+    "/metrics": ("200",),
+    "/": ("200",),
+    "/config": ("200",),
+    "/-/healthy": ("200",),
+    "/-/ready": ("200", "503"),
+}
 
 
 class Security(Protocol):
@@ -142,7 +152,10 @@ class WebServer:
         self._ingest_tls = ingest_tls or tls
         self._status = status
         self._config_view = config_view
-        self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
+        usual = {**_USUAL, **({"/-/reload": ("200", "500")} if lifecycle else {})}
+        self.requests: dict[tuple[str, str], int] = {  # (handler, code) -> count
+            (handler, code): 0 for handler, codes in usual.items() for code in codes
+        }
         self._runners: list[web.AppRunner] = []
         self._open: dict[str, int] = {}  # connections per listener, TLS handshakes included
         self._servers: list[asyncio.Server] = []

@@ -22,7 +22,14 @@ from simulators import Fault
 from simulators.betatel import BetatelSimulator
 from simulators.kaleyra import KaleyraSimulator
 from simulators.whatsgate import WhatsGateSimulator
-from tests.conftest import parse_exposition, require_tool, run_exporter, value, wait_for
+from tests.conftest import (
+    parse_exposition,
+    require_tool,
+    run_exporter,
+    value,
+    values,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -123,6 +130,28 @@ def test_ready_only_after_the_first_polls(sims):
         assert httpx.get(f"{running.url}/-/ready").status_code == 503
         assert httpx.get(f"{running.url}/-/healthy").status_code == 200
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+
+
+def test_the_usual_answers_are_counted_from_zero(sims):
+    """rate() and increase() need a series before its first increment: each built-in handler's
+    usual codes exist at 0 from the first exposition (the counts are refreshed every 10 s)."""
+    with run_exporter(all_config(sims, "1h")) as running:
+        running.wait_for_metric("whatsapp_exporter_http_requests_total", handler="/metrics")
+        series = running.scrape()
+    requests = {
+        (labels["handler"], labels["code"]): count
+        for labels, count in values(series, "whatsapp_exporter_http_requests_total")
+    }
+    assert requests == {
+        ("/", "200"): 0,
+        ("/config", "200"): 0,
+        ("/metrics", "200"): 0,
+        ("/-/healthy", "200"): 0,
+        ("/-/ready", "200"): 0,
+        ("/-/ready", "503"): 0,
+        ("/-/reload", "200"): 0,  # the tests' exporter has --web.enable-lifecycle
+        ("/-/reload", "500"): 0,
+    }
 
 
 def _count_bodies(monkeypatch) -> list[object]:
