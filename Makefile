@@ -2,12 +2,20 @@
 #   make demo   set everything up and run the exporter against the built-in simulators
 #   make test   set everything up (Python packages and the Debian tools the tests use) and run
 #               every test, lint included
+# and, while working on the code:
+#   make check  the quick loop, well under a minute, needing only `make setup` (no Debian tools):
+#               lint, then the tests that start no child process and take under a second each,
+#               pytest -m "not processes and not slow". An exporter in a thread and loopback
+#               servers in this process count as quick; `python -m exporter`, simulator processes,
+#               Prometheus, promtool, Alertmanager, PostgreSQL, Chromium and docker do not. Such
+#               tests are marked `processes` (tests/conftest.py fails one that starts a process
+#               unmarked), tests of a second or more `slow` (see the 5 slowest it prints).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= :10467
 
-.PHONY: demo test setup tools lint bench clean
+.PHONY: demo test check setup tools lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required, found " + sys.version.split()[0])'
@@ -30,6 +38,9 @@ lint: setup
 
 test: tools lint
 	$(BIN)/pytest
+
+check: lint
+	$(BIN)/pytest -q --durations=5 -m "not processes and not slow"
 
 bench: setup
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

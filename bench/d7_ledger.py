@@ -47,7 +47,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, run as a script
 
 from exporter.providers.d7 import Account
-from exporter.providers.d7.ledger import Due, Ledger, MessageUpdate, Schedule, open_ledger
+from exporter.providers.d7.statuses import VOCABULARY, open_d7_ledger
+from exporter.tracking import Due, Ledger, MessageUpdate, Schedule
 from simulators import D7Simulator
 from tests import postgres
 
@@ -372,9 +373,11 @@ def bookkeeping(copies: Copies, size: int, cycles: int) -> dict[str, list[float]
     for _ in range(cycles):
         with copies.fresh() as ledger:
             started = time.perf_counter()
-            due = ledger.due(ACCOUNT, size)
+            due = ledger.due(ACCOUNT, size).result()
             chose = time.perf_counter()
-            ledger.record(ACCOUNT, [answer(d, rng.choice(statuses)) for d in due], schedule)
+            ledger.record(
+                ACCOUNT, [answer(d, rng.choice(statuses)) for d in due], schedule
+            ).result()
             done = time.perf_counter()
         if len(due) < size:
             raise SystemExit(f"only {len(due)} of {size} ids were due in {copies}")
@@ -410,9 +413,9 @@ def idle(copies: Copies, cycles: int) -> list[float]:
     with copies.original(clock=lambda: 0.0) as ledger:  # at time 0 nothing is due yet
         for _ in range(cycles):
             started = time.perf_counter()
-            if ledger.due(ACCOUNT, CYCLE_SIZES[0]):
+            if ledger.due(ACCOUNT, CYCLE_SIZES[0]).result():
                 raise SystemExit("ids were due at time 0")
-            ledger.expire_old(ACCOUNT, schedule)
+            ledger.expire_old(ACCOUNT, schedule).result()
             times.append(time.perf_counter() - started)
     return times
 
@@ -426,7 +429,7 @@ class Copies:
     location: str  # a SQLite path or a PostgreSQL URL, as open_ledger takes it
 
     def original(self, clock: Callable[[], float] = time.time) -> contextlib.closing[Ledger]:
-        return contextlib.closing(open_ledger(self.location, clock=clock))
+        return contextlib.closing(open_d7_ledger(self.location, clock=clock))
 
     def fresh(self) -> contextlib.AbstractContextManager[Ledger]:
         raise NotImplementedError
@@ -505,8 +508,10 @@ def compare_postgresql(
             )
 
         ingested = {
-            "SQLite": ingest(lambda: Ledger(workdir / "ingest.db"), total, lambda: None),
-            "PostgreSQL": ingest(lambda: open_ledger(url), total, copy_at_baseline),
+            "SQLite": ingest(
+                lambda: Ledger(workdir / "ingest.db", vocabulary=VOCABULARY), total, lambda: None
+            ),
+            "PostgreSQL": ingest(lambda: open_d7_ledger(url), total, copy_at_baseline),
         }
         for backend, (rate, calls) in ingested.items():
             print(
@@ -544,7 +549,7 @@ def ingest(
     try:
         for start in range(0, total, BATCH):
             began = time.perf_counter()
-            ledger.add(ACCOUNT, ids[start : start + BATCH], schedule)
+            ledger.add(ACCOUNT, ids[start : start + BATCH], schedule).result()
             calls.append(time.perf_counter() - began)
             if start == 0:
                 ledger.close()

@@ -3,8 +3,9 @@ publication and shutdown.
 
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
-through `call_soon_threadsafe`, which only marks its families outdated for the next publication.
-A reload publishes before it answers (and logs), so whoever checks /metrics next sees its result.
+through `call_soon_threadsafe`, which only marks its families outdated for the next publication
+(docs/architecture.md, "One owner of mutable state"). A reload publishes before it answers (and
+logs), so whoever checks /metrics next sees its result.
 """
 
 from __future__ import annotations

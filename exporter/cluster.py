@@ -1,4 +1,5 @@
-"""Which replica polls what: shards of the configured accounts, and one leader per shard.
+"""Which replica polls what: shards of the configured accounts, and one leader per shard
+(docs/architecture.md, "Replicas").
 
 Replicas on one PostgreSQL database elect a leader per shard with a session advisory lock, held on
 a connection of its own: PostgreSQL releases it when that connection dies, so a leader killed

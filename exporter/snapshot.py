@@ -1,4 +1,5 @@
-"""The newest answer of every target as rendered sample lines, and the exposition joined from them.
+"""The newest answer of every target as rendered sample lines, and the exposition joined from them
+(docs/architecture.md, "Data flow").
 
 Owned by the event loop: only the loop calls the writing methods. A poll re-renders only its own
 target's lines, into one block per metric family, joined in chunks of members; publishing

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=_port,
         default=8081,
-        help="port to listen on, the first of four with --provider all (0: any)",
+        help="port to listen on, the first of one per provider with --provider all (0: any)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--seed", type=int, default=0, help="seed for repeatable random state")

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from simulators.kit import Demo, Example, FaultAnswers, Kit, Matrix, Probe
 from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
@@ -503,3 +504,70 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
         f"{int(at * 1000) % 1000:03d}Z"
     )
+
+
+def _demo_accounts(base_url: str) -> str:
+    return f"""\
+betatel:
+  - account: demo
+    base_url: {base_url}
+    api_key: demo-key
+    account_id: demo-account
+    windows: [lastm, last5m, lasth, today, daily]
+    timezone: Europe/Berlin
+"""
+
+
+def _matrix_keys(account: str, interval: str, healthy: bool) -> dict[str, Any]:
+    # one rolling and one bucketed window: both kinds of request body, two targets
+    return {"api_key": "demo-key", "account_id": "demo-account", "windows": ["last5m", "daily"]}
+
+
+KIT = Kit(
+    name="betatel",
+    simulator=BetatelSimulator,
+    quick={},
+    probe=Probe(
+        endpoint="stats",
+        method="POST",
+        path="/stats",
+        headers={"x-api-key": "demo-key", "x-account-id": "demo-account"},
+        body={"type": "lasth"},
+        misshapen=lambda body: not isinstance(body, list),
+    ),
+    demo=Demo(options={}, accounts=_demo_accounts, metric="whatsapp_stats_requests"),
+    faults=FaultAnswers(
+        auth=(401, "text/plain; charset=utf-8", "Invalid API Key"),
+        rate_limited={
+            "statusCode": 429,
+            "error": "Too Many Requests",
+            "message": "Too Many Requests",
+        },
+        # NestJS's
+        not_found=lambda method, path: {
+            "statusCode": 404,
+            "message": f"Cannot {method} {path}",
+            "error": "Not Found",
+        },
+        valid={
+            "stats": [
+                {
+                    "total_requests": 1248,
+                    "total_transactions": 1201,
+                    "total_amount": 24.02,
+                    "currency": "EUR",
+                }
+            ]
+        },
+        # an object where the list of entries belongs
+        wrong_shape=lambda junk: {
+            "total_requests": "NaN",
+            "currency": "\ud800",
+            "entries": [junk],
+        },
+        huge_chunked=True,
+    ),
+    matrix=Matrix(prefix="bt", endpoints=("stats",), keys=_matrix_keys),
+    example=Example(account="eu", env={"BETATEL_API_KEY": "b", "BETATEL_ACCOUNT_ID": "a"}),
+    dashboard="whatsapp-betatel-stats",
+)

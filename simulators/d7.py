@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from simulators.kit import Demo, Example, FaultAnswers, Kit, Matrix, Probe
 from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
@@ -631,3 +634,125 @@ def _uuid4(rng: Any) -> str:
 
 def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat()
+
+
+DEMO_INGEST_TOKEN = "demo-ingest-token"
+
+
+def _demo_accounts(base_url: str) -> str:
+    return f"""\
+d7:
+  - account: demo
+    base_url: {base_url}
+    token: demo-token
+    ingest_token: {DEMO_INGEST_TOKEN}
+    interval: 1s
+    retry_first: 2s
+    retry_max: 10s
+    not_found_grace: 30s
+"""
+
+
+def _demo_traffic(sim: D7Simulator, exporter_url: str, stop: threading.Event) -> None:
+    """What a sending application does: send through D7, hand the request ids to the exporter.
+    D7's webhooks (from the simulator) report the same messages: each status still counts once."""
+    rng = random.Random(7)
+    auth = {"Authorization": f"Bearer {DEMO_INGEST_TOKEN}"}
+    sim.webhook_url = f"{exporter_url}/webhooks/d7/demo"
+    sim.webhook_headers = auth
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+    while not stop.wait(1.0):
+        ids = [
+            sim.send(
+                recipients=rng.randint(1, 2),
+                conversation_type=rng.choice(("marketing", "utility", "service")),
+                message_type=rng.choice(("TEMPLATE", "TEXT")),
+            )
+            for _ in range(rng.randint(1, 3))
+        ]
+        handed = urllib.request.Request(
+            f"{exporter_url}/api/v1/requests",
+            data=json.dumps({"account": "demo", "request_ids": ids}).encode(),
+            headers={**auth, "Content-Type": "application/json"},
+        )
+        try:
+            with direct.open(handed, timeout=5) as answer:
+                answer.read()
+        except (urllib.error.URLError, OSError) as exc:
+            log.warning("demo traffic: %s", exc)
+
+
+def _matrix_keys(account: str, interval: str, healthy: bool) -> dict[str, Any]:
+    return {
+        "token": "demo-token",
+        "ingest_token": f"ingest-{account}",
+        "interval": interval,  # D7's own default (5s) ignores defaults.interval
+        "retry_first": "0.5s",  # the handed-in id is due at the next cycle
+        "retry_max": "1s",  # and at every cycle after a failure
+    }
+
+
+KIT = Kit(
+    name="d7",
+    simulator=D7Simulator,
+    quick={"index_delay": 0},
+    probe=Probe(
+        endpoint="report",
+        method="GET",
+        path="/whatsapp/v2/report/00000000-0000-4000-8000-000000000000",
+        headers={"Authorization": "Bearer demo-token"},
+        ready=lambda sim: f"/whatsapp/v2/report/{sim.send()}",
+        misshapen=lambda body: not isinstance(body["messages"], list),
+    ),
+    demo=Demo(
+        options={},
+        accounts=_demo_accounts,
+        metric="whatsapp_messages_total",
+        traffic=_demo_traffic,
+    ),
+    faults=FaultAnswers(
+        auth=(
+            401,
+            "application/json",
+            {
+                "detail": {
+                    "code": "ACCESS_TOKEN_SIGNATURE_VERIFICATION_FAILED",
+                    "message": "It looks like your requested access token is invalid. Please "
+                    "check your access token and try again.",
+                }
+            },
+        ),
+        rate_limited={
+            "detail": {"code": "TOO_MANY_REQUESTS", "message": "Too many requests. Slow down."}
+        },
+        # FastAPI's, which is not D7's "request id not indexed yet"
+        not_found=lambda method, path: {"detail": "Not Found"},
+        valid={
+            "report": {
+                "request_id": "f44e3f43-6d4e-4e46-becd-21993f3dcb8e",
+                "messages": [
+                    {
+                        "msg_id": "6d29d646-4e09-11ee-84f4-0242ac190006",
+                        "originator": "9190615xxxx",
+                        "recipient": "+9190617xxxx",
+                        "conversation_type": "marketing",
+                        "message_type": "TEMPLATE",
+                        "status": "read",
+                    }
+                ],
+                "request_stage": "processed",
+                "schedule_time": None,
+            }
+        },
+        # `messages` an object where the list belongs
+        wrong_shape=lambda junk: {"request_id": "\ud800", "messages": junk, "request_stage": -1},
+    ),
+    matrix=Matrix(prefix="d7", endpoints=("report",), keys=_matrix_keys, hand_in=True),
+    example=Example(
+        account="prod",
+        env={"D7_INGEST_TOKEN": "i", "D7_WEBHOOK_SECRET": "0123456789abcdef"},
+        files={"/run/secrets/d7": "d7-token"},
+    ),
+    dashboard="whatsapp-d7-delivery",
+    alerts=("WhatsAppD7DeliveredRatioLow", "WhatsAppD7PendingGrowing"),
+)

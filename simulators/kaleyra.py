@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from simulators.kit import Demo, Example, FaultAnswers, Kit, Matrix, Probe
 from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
@@ -451,3 +452,86 @@ def _accepts_json(accept: str | None) -> bool:
         if acceptable and media.lower() in ACCEPTABLE:
             return True
     return False
+
+
+DEMO_NUMBERS = ("+12025550100", "+12025550101")
+
+
+def _demo_accounts(base_url: str) -> str:
+    numbers = ", ".join(f'"{n}"' for n in DEMO_NUMBERS)
+    return f"""\
+kaleyra:
+  - account: demo
+    base_url: {base_url}
+    numbers: [{numbers}]
+"""
+
+
+KIT = Kit(
+    name="kaleyra",
+    simulator=KaleyraSimulator,
+    quick={"numbers": ["+12025550100"]},
+    probe=Probe(
+        endpoint="monitor_stats",
+        method="GET",
+        path="/v1/wamonitor/stats/+12025550100",
+        misshapen=lambda body: not isinstance(body["RESPONSE"]["data"]["stats"], dict),
+    ),
+    demo=Demo(
+        options={"numbers": list(DEMO_NUMBERS)},
+        accounts=_demo_accounts,
+        metric="whatsapp_client_app_callback_queue_size",
+    ),
+    faults=FaultAnswers(
+        auth=(
+            403,
+            "application/json",
+            {"code": "WS403", "message": "Forbidden", "error": {}, "data": []},
+        ),
+        rate_limited={"code": "WS429", "message": "Too Many Requests", "error": {}, "data": []},
+        not_found=lambda method, path: {
+            "code": "WS404",
+            "message": "Requested resource not found!",
+            "error": {},
+            "data": [],
+        },
+        valid={
+            "monitor_stats": {
+                "RESPONSE": {
+                    "code": "WS201",
+                    "message": "Requested processed successfully",
+                    "error": {},
+                    "data": {
+                        "stats": {
+                            "app": {
+                                "callback_queue_size": {
+                                    "data": [{"value": 0}],
+                                    "help": "Current callback queue size",
+                                    "type": "gauge",
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        },
+        # `data.stats` a list where the object of sections belongs
+        wrong_shape=lambda junk: {
+            "RESPONSE": {
+                "code": "WS201",
+                "message": "\ud800",
+                "error": {},
+                "data": {"stats": [junk]},
+            }
+        },
+        huge_chunked=True,
+    ),
+    matrix=Matrix(
+        prefix="ky",
+        endpoints=("monitor_stats",),
+        keys=lambda account, interval, healthy: {"numbers": ["+12025550100"]},
+    ),
+    example=Example(account="main"),
+    dashboard="whatsapp-kaleyra-client",
+    alerts=("WhatsAppClientCallbackQueueGrowing", "WhatsAppClientPendingMessagesGrowing"),
+)

@@ -503,6 +503,11 @@ class Simulator:
     def endpoints(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(r.endpoint for r in self._routes))
 
+    def endpoint_of(self, method: str, path: str) -> str | None:
+        """The endpoint that answers `method path` (relative to base_url), if any."""
+        matched, _, _ = self._match(method, self.base_path + path)
+        return matched.endpoint if matched else None
+
     def _tick_loop(self) -> None:
         while not self._stopping.wait(self.tick_seconds):
             try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from simulators.kit import Demo, Example, FaultAnswers, Kit, Matrix, Probe
 from simulators.server import (
     CONTROL_PREFIX,
     RecordedRequest,
@@ -489,3 +490,99 @@ def _utcnow() -> datetime:
 
 def _recipient(rng: Any) -> str:
     return f"+49151{rng.randrange(10**8):08d}"
+
+
+def _demo_accounts(base_url: str) -> str:
+    return f"""\
+whatsgate:
+  - account: demo
+    base_url: {base_url}
+    token: demo-token
+    devices: []
+    rate_limit: 60/m
+    balance: {{interval: 10s}}
+    failed_numbers: {{interval: 15s, lookback: 24h}}
+"""
+
+
+def _matrix_keys(account: str, interval: str, healthy: bool) -> dict[str, Any]:
+    keys = {
+        "token": "demo-token",
+        "balance": {"interval": interval},
+        "failed_numbers": {"interval": interval},
+    }
+    # per-device endpoints need targets even when /devices/status fails
+    return keys if healthy else {**keys, "devices": ["15550000001"]}
+
+
+KIT = Kit(
+    name="whatsgate",
+    simulator=WhatsGateSimulator,
+    quick={"devices": 1, "rate_limit": None},
+    probe=Probe(
+        endpoint="balance",
+        method="GET",
+        path="/reports/balance/15550000001",
+        headers={"Access-Token": "demo-token"},
+        misshapen=lambda body: not isinstance(body["remaining"], int),
+    ),
+    demo=Demo(
+        options={"devices": 4, "rate_limit": 60},
+        accounts=_demo_accounts,
+        metric="whatsapp_balance_remaining_messages",
+    ),
+    faults=FaultAnswers(
+        auth=(403, "application/json", {"message": "invalid Access-Token"}),
+        rate_limited={"success": False, "message": "Too Many Attempts."},
+        # Laravel's
+        not_found=lambda method, path: {"message": f"The route api{path} could not be found."},
+        valid={
+            "devices_status": {
+                "success": True,
+                "data": [
+                    {
+                        "mobile": "15550000001",
+                        "name": "Support",
+                        "instance": "device-instance",
+                        "status": "connected",
+                        "connected": True,
+                    }
+                ],
+                "total": 1,
+            },
+            "balance": {
+                "success": True,
+                "remaining": 1000,
+                "successful_count": 500,
+                "pending": 50,
+                "failed": 10,
+            },
+            "failed_numbers": {
+                "success": True,
+                "data": [
+                    {"number": "987654321", "date": "2023-01-01T12:00:00Z"},
+                    {"number": "987654322", "date": "2023-01-02T14:30:00Z"},
+                ],
+            },
+        },
+        # `data` an object, `remaining` a list: status, balance, failed
+        wrong_shape=lambda junk: {
+            "success": True,
+            "data": {**junk, "mobile": "\ud800"},
+            "remaining": [junk],
+        },
+    ),
+    matrix=Matrix(
+        prefix="wg",
+        endpoints=("devices_status", "balance", "failed_numbers"),
+        keys=_matrix_keys,
+    ),
+    example=Example(account="acme", env={"WHATSGATE_TOKEN": "w"}),
+    dashboard="whatsapp-whatsgate-devices",
+    alerts=(
+        "WhatsAppDeviceDisconnected",
+        "WhatsAppBalanceRunningOut",
+        "WhatsAppBalanceLow",
+        "WhatsAppFailureRatioHigh",
+    ),
+)

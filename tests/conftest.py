@@ -1,11 +1,16 @@
-"""Shared harness: the exporter runs in a thread on a loopback port against real simulators."""
+"""Shared harness: the exporter runs in a thread on a loopback port against real simulators.
+
+Also the helpers more than one test module needs (import them from here rather than copying
+them), and the guard that keeps the `processes` marker honest (see `pytest_configure`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
@@ -23,9 +29,17 @@ from exporter.config import Config, load_config, parse_config
 from exporter.options import Options
 from exporter.providers import ACCOUNT_MODELS, PROVIDERS
 from exporter.providers.base import Provider
+from simulators import KITS
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (another process may take it before we do)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
@@ -49,6 +63,14 @@ def parse_exposition(text: str) -> Series:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def scrape(url: str, timeout: float = 2) -> Series | None:
+    """GET {url}/metrics, parsed; None while nothing answers there (yet, or any more)."""
+    try:
+        return parse_exposition(httpx.get(f"{url}/metrics", timeout=timeout).text)
+    except httpx.HTTPError:
+        return None
 
 
 def value(series: Series, name: str, /, **labels: str) -> float | None:
@@ -146,6 +168,37 @@ def run_exporter(
             raise failure[0]
 
 
+def example_config(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """config.example.yaml, and the environment it needs, as each provider's kit says: its
+    secret files are written under tmp_path and the text points at them."""
+    text = (ROOT / "config.example.yaml").read_text()
+    env: dict[str, str] = {}
+    for name, kit in KITS.items():
+        env.update(kit.example.env)
+        text = with_secret_files(name, text, tmp_path)
+    return text, env
+
+
+def with_secret_files(provider: str, text: str, tmp_path: Path) -> str:
+    """The text with the provider's example secret files written under tmp_path, pointing there."""
+    for number, (path, content) in enumerate(KITS[provider].example.files.items()):
+        written = tmp_path / f"{provider}-{number}"
+        written.write_text(content)
+        text = text.replace(path, str(written))
+    return text
+
+
+def alerts() -> list[dict]:
+    """Every alert of prometheus/alerts.yml."""
+    groups = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def require_tool(name: str, apt_package: str) -> str:
     """A tool the tests need: present, or installed here, or a failure that says what's missing."""
     found = shutil.which(name)
@@ -162,3 +215,77 @@ def require_tool(name: str, apt_package: str) -> str:
         f"{apt_package}), or `apt-get install {apt_package}`",
         pytrace=False,
     )
+
+
+# --- tests that start processes -------------------------------------------------------------------
+# Tests marked `processes` (pyproject.toml) start a child process: `python -m exporter`, a
+# simulator process, Prometheus, promtool, Alertmanager, PostgreSQL, Chromium, docker. An
+# exporter in a thread and loopback servers in this process do not count. So that the mark stays
+# true, a test without it that starts a process fails, in every loop. Only `git` is let through:
+# the exporter reads its revision with it (exporter/build.py).
+
+PROCESSES = "processes"
+_LET_THROUGH = {"git"}
+_guarded: pytest.Item | None = None  # the unmarked test now in setup or call, if any
+_spawned: list[str] = []  # what it tried to start
+
+
+def _program(args: object) -> str:
+    first = args.split()[0] if isinstance(args, str | bytes) else next(iter(args))
+    return os.path.basename(os.fsdecode(first))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    execute_child = subprocess.Popen._execute_child
+
+    def guarded(self: subprocess.Popen, args, *rest, **named):
+        if _guarded is not None and _program(args) not in _LET_THROUGH:
+            _spawned.append(repr(args))
+            pytest.fail(
+                f"{_guarded.nodeid} starts a child process ({args!r}) but is not marked "
+                f"`{PROCESSES}`: mark it @pytest.mark.{PROCESSES} (or its module: pytestmark), "
+                "so that `make check` leaves it to `make test`",
+                pytrace=False,
+            )
+        return execute_child(self, args, *rest, **named)
+
+    subprocess.Popen._execute_child = guarded
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the PostgreSQL server (tests/postgres.py) starts one."""
+    for item in items:
+        if {"postgres_server", "postgres_url"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(PROCESSES)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    return (yield from _watching(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    return (yield from _watching(item))
+
+
+def _watching(item: pytest.Item):
+    """Not in teardown: a session's fixtures end in whichever test happens to run last."""
+    global _guarded
+    _guarded = None if item.get_closest_marker(PROCESSES) else item
+    try:
+        return (yield)
+    finally:
+        _guarded = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Also when the failure was raised in another thread, or caught."""
+    report = yield
+    if _spawned and report.when != "teardown":
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = f"started a child process without the `{PROCESSES}` mark: {_spawned}"
+        _spawned.clear()
+    return report

@@ -2,14 +2,16 @@
 
 The simulators misbehave per endpoint and only the way their provider would; the fault matrix needs
 one server that also breaks the transport (an answer that never comes, one that never ends, one of
-50 MB) for every provider at once, so that 44 accounts can point at it. The path picks the cell:
-`/<fault>/<provider>/<the provider's own path>`. Stdlib only, like the simulators, and nothing of
-the exporter is imported: the server must not share a bug with the code it tests.
+50 MB) for every provider at once, so that all the matrix's accounts can point at it. The path
+picks the cell: `/<fault>/<provider>/<the provider's own path>`. Stdlib only, like the simulators
+(whose kits hold each provider's own answers), and nothing of the exporter is imported: the server
+must not share a bug with the code it tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import select
 import socket
@@ -19,6 +21,8 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from simulators import KITS, Simulator
 
 FAULTS = (
     "timeout",
@@ -33,11 +37,7 @@ FAULTS = (
     "huge",
     "drip",
 )
-PROVIDERS = ("whatsgate", "betatel", "d7", "kaleyra")
-
 HUGE_BYTES = 50 * 1024 * 1024
-# a proxy's 50 MB can come with a Content-Length or chunked; a cap must hold for both
-HUGE_CHUNKED = frozenset({"betatel", "kaleyra"})
 DRIP_EVERY = 0.2
 DRIP_DECLARED = 10**6  # a Content-Length the drip never reaches (55 hours at 5 bytes a second)
 NESTING = 512  # deep, yet within what Python's json (and so the exporter) can parse
@@ -51,125 +51,29 @@ NGINX_502 = (
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
-
-# 401 for two providers, 403 for two, each with the body its provider documents (providers.md)
-AUTH: dict[str, tuple[int, str, Any]] = {
-    "whatsgate": (403, JSON, {"message": "invalid Access-Token"}),
-    "betatel": (401, TEXT, "Invalid API Key"),
-    "d7": (
-        401,
-        JSON,
-        {
-            "detail": {
-                "code": "ACCESS_TOKEN_SIGNATURE_VERIFICATION_FAILED",
-                "message": "It looks like your requested access token is invalid. Please check "
-                "your access token and try again.",
-            }
-        },
-    ),
-    "kaleyra": (403, JSON, {"code": "WS403", "message": "Forbidden", "error": {}, "data": []}),
-}
-
-RATE_LIMITED: dict[str, Any] = {
-    "whatsgate": {"success": False, "message": "Too Many Attempts."},
-    "betatel": {"statusCode": 429, "error": "Too Many Requests", "message": "Too Many Requests"},
-    "d7": {"detail": {"code": "TOO_MANY_REQUESTS", "message": "Too many requests. Slow down."}},
-    "kaleyra": {"code": "WS429", "message": "Too Many Requests", "error": {}, "data": []},
-}
+# what each provider answers in its own words (auth, 429 and 404 bodies, a valid answer per
+# endpoint, the wrong shape) is in its kit: KITS[provider].faults (simulators/kit.py)
 
 
-def not_found_body(provider: str, method: str, path: str) -> Any:
-    """What each provider's web framework answers for a route it does not have (no API error:
-    for D7 this is FastAPI's, which is not D7's "request id not indexed yet")."""
-    if provider == "whatsgate":  # Laravel
-        return {"message": f"The route api{path} could not be found."}
-    if provider == "betatel":  # NestJS
-        return {"statusCode": 404, "message": f"Cannot {method} {path}", "error": "Not Found"}
-    if provider == "d7":  # FastAPI
-        return {"detail": "Not Found"}
-    return {"code": "WS404", "message": "Requested resource not found!", "error": {}, "data": []}
+@functools.cache
+def _routes(provider: str) -> Simulator:
+    """A simulator never started: only its routes are asked."""
+    return KITS[provider].simulator(auto=False)
 
 
-def valid_answer(provider: str, path: str) -> Any:
-    """A documented success answer for the path (the seeds' examples), to cut in half."""
-    if provider == "whatsgate":
-        if path.startswith("/reports/balance/"):
-            return {
-                "success": True,
-                "remaining": 1000,
-                "successful_count": 500,
-                "pending": 50,
-                "failed": 10,
-            }
-        if path.startswith("/reports/failed_numbers"):
-            return {
-                "success": True,
-                "data": [
-                    {"number": "987654321", "date": "2023-01-01T12:00:00Z"},
-                    {"number": "987654322", "date": "2023-01-02T14:30:00Z"},
-                ],
-            }
-        return {
-            "success": True,
-            "data": [
-                {
-                    "mobile": "15550000001",
-                    "name": "Support",
-                    "instance": "device-instance",
-                    "status": "connected",
-                    "connected": True,
-                }
-            ],
-            "total": 1,
-        }
-    if provider == "betatel":
-        return [
-            {
-                "total_requests": 1248,
-                "total_transactions": 1201,
-                "total_amount": 24.02,
-                "currency": "EUR",
-            }
-        ]
-    if provider == "d7":
-        return {
-            "request_id": "f44e3f43-6d4e-4e46-becd-21993f3dcb8e",
-            "messages": [
-                {
-                    "msg_id": "6d29d646-4e09-11ee-84f4-0242ac190006",
-                    "originator": "9190615xxxx",
-                    "recipient": "+9190617xxxx",
-                    "conversation_type": "marketing",
-                    "message_type": "TEMPLATE",
-                    "status": "read",
-                }
-            ],
-            "request_stage": "processed",
-            "schedule_time": None,
-        }
-    return {
-        "RESPONSE": {
-            "code": "WS201",
-            "message": "Requested processed successfully",
-            "error": {},
-            "data": {
-                "stats": {
-                    "app": {
-                        "callback_queue_size": {
-                            "data": [{"value": 0}],
-                            "help": "Current callback queue size",
-                            "type": "gauge",
-                        }
-                    }
-                }
-            },
-        }
-    }
+def valid_answer(provider: str, method: str, path: str) -> Any:
+    """A documented success answer for the path (the seeds' examples), to cut in half: the
+    provider's simulator says which endpoint the path is."""
+    kit = KITS[provider]
+    endpoint = _routes(provider).endpoint_of(method, path)
+    if endpoint not in kit.faults.valid:
+        raise AssertionError(f"the {provider} kit has no valid answer for {method} {path}")
+    return kit.faults.valid[endpoint]
 
 
-def truncated(provider: str, path: str) -> bytes:
+def truncated(provider: str, method: str, path: str) -> bytes:
     """The valid answer cut in the middle, as a proxy that loses the rest would deliver it."""
-    whole = json.dumps(valid_answer(provider, path)).encode()
+    whole = json.dumps(valid_answer(provider, method, path)).encode()
     cut = whole[: len(whole) // 2]
     with contextlib.suppress(ValueError):
         json.loads(cut)
@@ -193,21 +97,6 @@ def hostile() -> dict[str, Any]:
         "nan": ["NaN", "nan", "-Infinity", "Infinity", "1e999", "0x1p3"],
         "negative": [-1, -1.5e308, -0.0, -(2**63)],
         "nested": nested,
-    }
-
-
-def wrong_shape(provider: str) -> Any:
-    """Valid JSON that every parser of the provider must refuse at its top: no key a provider
-    reads as its own error message, so the answer can only be bad_response."""
-    junk = hostile()
-    if provider == "whatsgate":  # `data` an object, `remaining` a list: status, balance, failed
-        return {"success": True, "data": {**junk, "mobile": "\ud800"}, "remaining": [junk]}
-    if provider == "betatel":  # an object where the list of entries belongs
-        return {"total_requests": "NaN", "currency": "\ud800", "entries": [junk]}
-    if provider == "d7":  # `messages` an object where the list belongs
-        return {"request_id": "\ud800", "messages": junk, "request_stage": -1}
-    return {  # Kaleyra: `data.stats` a list where the object of sections belongs
-        "RESPONSE": {"code": "WS201", "message": "\ud800", "error": {}, "data": {"stats": [junk]}}
     }
 
 
@@ -346,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         _, fault, provider, rest = [*path.split("/", 3), "", "", ""][:4]
         rest = "/" + rest
-        if fault not in FAULTS or provider not in PROVIDERS:
+        if fault not in FAULTS or provider not in KITS:
             self._send(400, TEXT, f"no fault cell {path}: use /<fault>/<provider>/...".encode())
             self.server.faults._error(f"request outside the matrix: {self.command} {self.path}")
             return
@@ -406,15 +295,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(500, TEXT, b"refused cells must point at a closed port\n")
 
     def _auth(self, provider: str, path: str) -> None:
-        status, content_type, body = AUTH[provider]
+        status, content_type, body = KITS[provider].faults.auth
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self._send(status, content_type, data)
 
     def _not_found(self, provider: str, path: str) -> None:
-        self._send_json(404, not_found_body(provider, self.command, path))
+        self._send_json(404, KITS[provider].faults.not_found(self.command, path))
 
     def _rate_limited(self, provider: str, path: str) -> None:
-        self._send_json(429, RATE_LIMITED[provider], {"Retry-After": "1"})
+        self._send_json(429, KITS[provider].faults.rate_limited, {"Retry-After": "1"})
 
     def _http_500(self, provider: str, path: str) -> None:
         self._send_json(500, {"message": "Server Error"})
@@ -423,13 +312,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(502, HTML, NGINX_502.encode())
 
     def _truncated(self, provider: str, path: str) -> None:
-        self._send(200, JSON, truncated(provider, path))
+        self._send(200, JSON, truncated(provider, self.command, path))
 
     def _wrong_shape(self, provider: str, path: str) -> None:
-        self._send_json(200, wrong_shape(provider))
+        """Valid JSON that every parser of the provider must refuse at its top: no key a
+        provider reads as its own error message, so the answer can only be bad_response."""
+        self._send_json(200, KITS[provider].faults.wrong_shape(hostile()))
 
     def _huge(self, provider: str, path: str) -> None:
-        chunked = provider in HUGE_CHUNKED
+        # a proxy's 50 MB can come with a Content-Length or chunked; a cap must hold for both
+        chunked = KITS[provider].faults.huge_chunked
         framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": HUGE_BYTES}
         self._endless(200, {"Content-Type": JSON, **{k: str(v) for k, v in framing.items()}})
         try:

@@ -16,7 +16,6 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "exporter"
@@ -124,7 +125,7 @@ def running(*, durable: bool = False) -> Iterator[Server]:
         ],
         as_user,
     )
-    port = _free_port()
+    port = free_port()
     options = [
         "-c listen_addresses=127.0.0.1",
         f"-c port={port}",
@@ -182,12 +183,6 @@ def _run(command: list, as_user: bool) -> None:
         raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- fixtures ---------------------------------------------------------------------------------
 
 
@@ -207,7 +202,10 @@ def postgres_url_fixture(postgres_server: Server) -> Iterator[str]:
         postgres_server.drop_database(name)
 
 
-@pytest.fixture(name="ledger_location", params=["sqlite", "postgresql"])
+@pytest.fixture(
+    name="ledger_location",
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.processes)],
+)
 def ledger_location_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Where a ledger lives, for each backend: a SQLite file, or a PostgreSQL database. The
     server starts only when a PostgreSQL case runs."""

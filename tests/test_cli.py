@@ -16,16 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from simulators import KITS
 from simulators.whatsgate import WhatsGateSimulator
-from tests.conftest import parse_exposition, require_tool, value, wait_for
+from tests.conftest import free_port, parse_exposition, require_tool, scrape, value, wait_for
 
 IDENTITY = {"Accept-Encoding": "identity"}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.processes  # every test runs `python -m exporter`
 
 
 def start(*args: str, cwd: Path | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -50,13 +47,6 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str
     return process.returncode, stderr, time.monotonic() - began
 
 
-def scrape(url: str) -> dict | None:
-    try:
-        return parse_exposition(httpx.get(f"{url}/metrics", timeout=2).text)
-    except httpx.HTTPError:
-        return None
-
-
 def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigterm():
     promtool = require_tool("promtool", "prometheus")
     port = free_port()
@@ -64,12 +54,7 @@ def test_demo_shows_live_metrics_of_every_provider_within_10s_and_stops_on_sigte
     began = time.monotonic()
     process = start("--demo", f"--web.listen-address=127.0.0.1:{port}")
     try:
-        wanted = {
-            "whatsgate": "whatsapp_balance_remaining_messages",
-            "betatel": "whatsapp_stats_requests",
-            "kaleyra": "whatsapp_client_app_callback_queue_size",
-            "d7": "whatsapp_messages_total",
-        }
+        wanted = {name: kit.demo.metric for name, kit in KITS.items()}
 
         def every_provider() -> dict | None:
             series = scrape(url)

@@ -48,6 +48,7 @@ def test_every_account_has_exactly_one_shard_and_the_split_is_fair():
     assert all(900 < size < 1100 for size in sizes), sizes
 
 
+@pytest.mark.processes
 def test_the_split_is_the_same_in_every_process():
     """sha256, not hash(): Python randomises str hashes per process."""
     code = (

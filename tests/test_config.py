@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from exporter.config import ConfigError, load_config, parse_config, parse_duration
-from exporter.providers import ACCOUNT_MODELS
-from tests.conftest import ROOT
+from exporter.providers import ACCOUNT_MODELS, PROVIDERS
+from simulators import KITS
+from tests.conftest import example_config
 
 TESTDATA = Path(__file__).parent / "testdata" / "config"
 
@@ -26,7 +27,7 @@ INVALID = {
     ],
     "invalid-unknown-keys.yml": [
         "defaults.intervall: unknown key (allowed: interval, stale_after, timeout)",
-        "whatsapp: unknown key (allowed: betatel, d7, defaults, kaleyra, whatsgate)",
+        f"whatsapp: unknown key (allowed: {', '.join(sorted([*PROVIDERS, 'defaults']))})",
         "whatsgate[0].balance.lookback: unknown key (allowed: interval)",
     ],
     "invalid-types.yml": [
@@ -82,6 +83,7 @@ def test_invalid_config_reports_every_error_with_its_path(name, monkeypatch):
     assert caught.value.errors == INVALID[name]
 
 
+@pytest.mark.processes
 def test_config_check_prints_all_errors_and_exits_2_without_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "exporter", "--config.check", "--config.file=invalid-values.yml"],
@@ -98,6 +100,7 @@ def test_config_check_prints_all_errors_and_exits_2_without_traceback():
     ]
 
 
+@pytest.mark.processes
 def test_config_check_accepts_a_good_file(tmp_path):
     (tmp_path / "token").write_text("s3cret\n")
     (tmp_path / "config.yaml").write_text(
@@ -116,6 +119,7 @@ def test_config_check_accepts_a_good_file(tmp_path):
     assert (result.returncode, result.stdout) == (0, "config.yaml: OK, 1 account(s)\n")
 
 
+@pytest.mark.processes
 def test_missing_config_file_is_a_message_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "exporter", f"--config.file={tmp_path / 'nope.yaml'}"],
@@ -129,23 +133,10 @@ def test_missing_config_file_is_a_message_and_exit_2(tmp_path):
 
 
 def test_example_config_is_valid_and_documents_every_key(tmp_path):
-    (tmp_path / "d7").write_text("d7-token")
-    text = (
-        (ROOT / "config.example.yaml").read_text().replace("/run/secrets/d7", str(tmp_path / "d7"))
-    )
-    env = {
-        "WHATSGATE_TOKEN": "w",
-        "BETATEL_API_KEY": "b",
-        "BETATEL_ACCOUNT_ID": "a",
-        "D7_INGEST_TOKEN": "i",
-        "D7_WEBHOOK_SECRET": "0123456789abcdef",
-    }
+    text, env = example_config(tmp_path)
     config = parse_config(text, ACCOUNT_MODELS, env=env)
     assert [(p, a.account) for p, a in config.accounts()] == [
-        ("whatsgate", "acme"),
-        ("betatel", "eu"),
-        ("d7", "prod"),
-        ("kaleyra", "main"),
+        (name, kit.example.account) for name, kit in KITS.items()
     ]
     # every key a model accepts appears in the example, so none is undocumented
     for provider, model in ACCOUNT_MODELS.items():

@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import yaml
 from exporter import __version__
 from exporter.cli import parse_args
 from exporter.web import DEFAULT_PORT
-from tests.conftest import ROOT, require_tool, run_exporter, wait_for
+from tests.conftest import ROOT, free_port, require_tool, run_exporter, wait_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -87,6 +86,7 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE.read_text(encoding="utf-8"))
 
 
+@pytest.mark.processes
 def test_hadolint_is_clean() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.exists():
@@ -146,6 +146,7 @@ def test_dockerfile_runtime_contract(dockerfile) -> None:
     assert last["EXPOSE"].split() == [str(DEFAULT_PORT)]
 
 
+@pytest.mark.processes
 def test_dockerfile_healthcheck_uses_stdlib_python(dockerfile) -> None:
     healthcheck = stages(dockerfile)[-1]
     found = [rest for keyword, rest in healthcheck if keyword == "HEALTHCHECK"]
@@ -353,6 +354,7 @@ def test_prometheus_config_paths_are_relative() -> None:
     assert config["global"]["scrape_interval"] == config["global"]["evaluation_interval"] == "15s"
 
 
+@pytest.mark.processes
 def test_promtool_checks_the_config_with_its_rules_and_targets() -> None:
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(
@@ -365,6 +367,7 @@ def test_promtool_checks_the_config_with_its_rules_and_targets() -> None:
     assert "SUCCESS: 2 rule files found" in result.stdout
 
 
+@pytest.mark.processes
 def test_prometheus_config_works_when_copied_next_to_other_targets(tmp_path) -> None:
     """What the end-to-end test does: the same file beside its own targets/ and rule files."""
     promtool = require_tool("promtool", "prometheus")
@@ -408,12 +411,6 @@ def alertmanager_binary() -> str:
     if found:
         return found
     return require_tool("prometheus-alertmanager", "prometheus-alertmanager")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -466,6 +463,7 @@ def test_alertmanager_config_routes_to_the_placeholder_webhook() -> None:
     assert (route["group_wait"], route["repeat_interval"]) == ("30s", "4h")
 
 
+@pytest.mark.processes
 def test_amtool_accepts_the_config() -> None:
     amtool = shutil.which("amtool") or require_tool("amtool", "prometheus-alertmanager")
     result = subprocess.run(
@@ -479,6 +477,7 @@ def test_amtool_accepts_the_config() -> None:
     assert "2 inhibit rules" in result.stdout
 
 
+@pytest.mark.processes
 def test_alertmanager_runs_the_config_and_exporter_down_inhibits_the_rest(tmp_path) -> None:
     with running_alertmanager(ALERTMANAGER_YML, tmp_path / "data") as url:
         status = httpx.get(f"{url}/api/v2/status", timeout=5).json()

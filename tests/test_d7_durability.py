@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,9 +26,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.providers.d7.ledger import IMPLIES
+from exporter.providers.d7.statuses import IMPLIES
 from simulators import D7Simulator, Fault
-from tests.conftest import Series, parse_exposition, values, wait_for
+from tests.conftest import Series, free_port, scrape, values, wait_for
+
+pytestmark = pytest.mark.processes  # `python -m exporter`, killed and started again
 
 ACCOUNT = "dur"
 INGEST_TOKEN = "ingest-durability"
@@ -82,12 +83,6 @@ def expected_messages(sent: list[Sent]) -> dict[tuple[str, str, str], float]:
 # --- the exporter as a process ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_config(path: Path, sim: D7Simulator) -> Path:
     """Fast settings: 100 ids per 0.2 s cycle, delivered messages settle after 0.3 s."""
     path.write_text(
@@ -114,10 +109,7 @@ class Process:
     log: Path
 
     def scrape(self) -> Series | None:
-        try:
-            return parse_exposition(httpx.get(f"{self.url}/metrics", timeout=2).text)
-        except httpx.HTTPError:
-            return None
+        return scrape(self.url)
 
     def tracked(self) -> dict[str, float]:
         series = self.scrape() or {}

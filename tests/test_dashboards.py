@@ -24,6 +24,7 @@ import yaml
 
 from exporter.providers.kaleyra import monitor_stats, translate
 from mixin import dashboards as mixin_boards
+from simulators import KITS
 from simulators.kaleyra import KaleyraSimulator
 from tests.conftest import GOLDEN, ROOT, parse_exposition, require_tool
 
@@ -32,12 +33,9 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # file -> the provider it is fixed to (None: it has a `provider` variable; a regex: those)
 BOARDS = {
     "whatsapp-overview.json": None,
-    "whatsapp-whatsgate-devices.json": "whatsgate",
-    "whatsapp-d7-delivery.json": "d7",
-    "whatsapp-kaleyra-client.json": "kaleyra",
-    "whatsapp-betatel-stats.json": "betatel",
     "whatsapp-exporter.json": None,
     "whatsapp-slo.json": "d7|whatsgate|betatel",
+    **{f"{kit.dashboard}.json": name for name, kit in KITS.items()},
 }
 FILTERS = ("job", "instance", "provider", "account")
 VARIABLES = {*FILTERS, "__rate_interval", "__interval", "__range"}
@@ -150,6 +148,7 @@ def run_generator(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.processes
 def test_the_committed_json_is_what_the_generator_writes():
     result = run_generator("--check")
     assert result.returncode == 0, result.stderr
@@ -157,6 +156,7 @@ def test_the_committed_json_is_what_the_generator_writes():
     assert sorted(mixin_boards.BOARDS) == sorted(BOARDS)
 
 
+@pytest.mark.processes
 def test_check_fails_on_a_changed_missing_or_unknown_file(tmp_path):
     out = ["--out", str(tmp_path)]
     folder = tmp_path / "grafana" / "dashboards"
@@ -180,6 +180,7 @@ def test_check_fails_on_a_changed_missing_or_unknown_file(tmp_path):
     assert result.returncode == 1 and "old-board.json" in result.stderr
 
 
+@pytest.mark.processes
 def test_another_selector_and_objective_reach_every_file(tmp_path):
     """A deployment whose job is called otherwise renders its own copy; the committed one is
     untouched."""
@@ -405,6 +406,7 @@ def test_every_recording_rule_is_on_a_dashboard():
     assert records - parts <= used, records - parts - used
 
 
+@pytest.mark.processes
 def test_every_query_parses(tmp_path):
     """promtool 2.42 has no `check query`: each query becomes a recording rule to check."""
     promtool = require_tool("promtool", "prometheus")

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,7 +34,7 @@ from exporter.cluster import Shard
 from exporter.config import parse_config, parse_duration
 from exporter.providers import ACCOUNT_MODELS
 from exporter.web import DEFAULT_PORT, parse_listen_address
-from tests.conftest import ROOT, require_tool, wait_for
+from tests.conftest import ROOT, free_port, require_tool, wait_for
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -148,6 +147,7 @@ def test_kustomization_lists_every_manifest_and_nothing_else(kustomization, obje
         assert o["metadata"]["labels"]["app.kubernetes.io/name"] == "whatsapp-exporter"
 
 
+@pytest.mark.processes
 def test_kustomize_builds_it_offline(kustomization) -> None:
     """kubectl's kustomize: the ConfigMap gets its hash suffix and the StatefulSet follows it."""
     kubectl = require_tool("kubectl", "kubectl")
@@ -447,6 +447,7 @@ def test_podmonitor_scrapes_every_replica_as_the_rules_job(objects, statefulset)
 # ---- the PrometheusRule ------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_prometheusrule_is_current() -> None:
     result = subprocess.run(
         [sys.executable, str(GENERATE), "--check"],
@@ -458,6 +459,7 @@ def test_prometheusrule_is_current() -> None:
     assert result.returncode == 0, result.stderr + "\nrun: python deploy/kubernetes/generate.py"
 
 
+@pytest.mark.processes
 def test_prometheusrule_groups_are_the_bundled_rule_files(objects, tmp_path) -> None:
     rule = one(objects, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
@@ -617,6 +619,7 @@ def verifiable_unit(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.processes
 def test_systemd_analyze_verify(tmp_path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     result = subprocess.run(
@@ -629,6 +632,7 @@ def test_systemd_analyze_verify(tmp_path) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
+@pytest.mark.processes
 def test_systemd_analyze_security_offline(tmp_path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     unit_file = verifiable_unit(tmp_path)
@@ -691,12 +695,6 @@ def require_mdwe() -> None:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def exporter_under_mdwe(argv: list[str], cwd: Path) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen(
@@ -718,6 +716,7 @@ def exporter_under_mdwe(argv: list[str], cwd: Path) -> Iterator[subprocess.Popen
         process.stdout.close()
 
 
+@pytest.mark.processes
 def test_python_and_the_exporter_run_under_memory_deny_write_execute(tmp_path) -> None:
     require_mdwe()
     # the control: under the launcher, a writable and executable mapping is refused

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -26,17 +25,13 @@ import yaml
 
 from mixin.dashboards import panel_queries
 from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
-from tests.conftest import ROOT, require_tool, run_exporter, wait_for
+from tests.conftest import ROOT, free_port, require_tool, run_exporter, wait_for
+
+pytestmark = pytest.mark.processes  # Prometheus, Alertmanager and the exporter as processes
 
 DEVICE = "15550000002"
 FOR = "5s"
 INGEST = "e2e-ingest"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Receiver:

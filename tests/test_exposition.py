@@ -94,6 +94,7 @@ def test_hostile_label_values_round_trip_through_both_parsers():
     assert created and all(s.value == 1_700_000_000.0 for s in created)
 
 
+@pytest.mark.processes
 def test_hostile_exposition_passes_promtool():
     promtool = require_tool("promtool", "prometheus")
     body = _snapshot_with(HOSTILE).exposition.body()
@@ -189,6 +190,7 @@ def test_one_target_change_rewrites_only_that_targets_lines(monkeypatch):
     assert text.count("whatsapp_client_events_total{") == 4  # the changed target dropped its own
 
 
+@pytest.mark.slow
 def test_an_answer_seen_before_is_not_translated_again_and_a_new_one_is(monkeypatch):
     """Kaleyra with no ticks answers the same bytes every poll: after the first, only health
     lines are written; a changed answer is translated and shown."""
@@ -350,6 +352,7 @@ def test_a_block_keeps_its_chunks_sorted_and_sized_through_random_changes(monkey
         assert b"".join(block.lines(False)) == b"".join(live[m] for m in sorted(live))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [snapshot_module.CHUNK, 4])
 def test_chunks_stay_right_as_targets_come_change_and_go(monkeypatch, chunk):
     """Random polls, failures and removals over 300 targets, published in between: every version

@@ -1,10 +1,12 @@
-"""Issue #8: all four providers against all eleven faults at once, in one real exporter process.
+"""Issue #8: every provider (simulators.KITS) against all eleven faults at once, in one real
+exporter process.
 
-One fault server (tests/faultserver.py) answers 40 faulty accounts by path; the four `refused` ones
-point at a port that is bound but never listens. Beside them one healthy account per provider polls
-the project's simulators, so a fault that leaks out of its cell (a blocked event loop, a log line
-that cannot be written, memory blown by a 50 MB answer) shows on them, in the log or in the peak
-RSS. Every cell is judged and the whole matrix reported, not only the first failure.
+One fault server (tests/faultserver.py) answers every faulty account by path; each provider's
+`refused` one points at a port that is bound but never listens. Beside them one healthy account
+per provider polls the project's simulators, so a fault that leaks out of its cell (a blocked
+event loop, a log line that cannot be written, memory blown by a 50 MB answer) shows on them, in
+the log or in the peak RSS. Every cell is judged and the whole matrix reported, not only the
+first failure.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,32 +26,14 @@ import httpx
 import pytest
 import yaml
 
-from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
-from tests.conftest import Series, parse_exposition, require_tool, values, wait_for
-from tests.faultserver import (
-    AUTH,
-    DRIP_EVERY,
-    FAULTS,
-    HUGE_BYTES,
-    PROVIDERS,
-    FaultServer,
-    closed_port,
-)
+from simulators import KITS
+from tests.conftest import Series, free_port, parse_exposition, require_tool, values, wait_for
+from tests.faultserver import DRIP_EVERY, FAULTS, HUGE_BYTES, FaultServer, closed_port
 
 INTERVAL = 2.0  # defaults.interval, and every endpoint's own interval below
 WITHIN = 2 * INTERVAL + 1.5  # two poll intervals and a margin, counted from the exporter listening
 PEAK_RSS_KB = 256 * 1024
 RATE = "100/s"  # far above what the test asks for: no cell may be the budget's doing
-DEVICE = "15550000001"
-NUMBER = "+12025550100"
-
-PREFIX = {"whatsgate": "wg", "betatel": "bt", "d7": "d7", "kaleyra": "ky"}
-ENDPOINTS = {
-    "whatsgate": ("devices_status", "balance", "failed_numbers"),
-    "betatel": ("stats",),
-    "d7": ("report",),
-    "kaleyra": ("monitor_stats",),
-}
 EXPECTED = {
     "timeout": "timeout",
     "refused": "connect",
@@ -64,42 +47,20 @@ EXPECTED = {
     "huge": "too_large",
     "drip": "timeout",
 }
-CELLS = [(provider, fault) for fault in FAULTS for provider in PROVIDERS]
+CELLS = [(provider, fault) for fault in FAULTS for provider in KITS]
 
 
 def name(provider: str, fault: str) -> str:
-    return f"{PREFIX[provider]}-{fault}"
+    return f"{KITS[provider].matrix.prefix}-{fault}"
 
 
 def provider_keys(provider: str, account: str, *, healthy: bool) -> dict:
-    """What each provider needs besides base_url; neither `timeout` nor `body_size_limit`, so the
-    defaults are what is tested."""
-    if provider == "whatsgate":
-        keys = {
-            "token": "demo-token",
-            "balance": {"interval": f"{INTERVAL:g}s"},
-            "failed_numbers": {"interval": f"{INTERVAL:g}s"},
-        }
-        # per-device endpoints need targets even when /devices/status fails
-        return keys if healthy else {**keys, "devices": [DEVICE]}
-    if provider == "betatel":
-        # one rolling and one bucketed window: both kinds of request body, two targets
-        windows = ["last5m", "daily"]
-        return {"api_key": "demo-key", "account_id": "demo-account", "windows": windows}
-    if provider == "d7":
-        return {
-            "token": "demo-token",
-            "ingest_token": f"ingest-{account}",
-            "interval": f"{INTERVAL:g}s",  # D7's own default (5s) ignores defaults.interval
-            "retry_first": "0.5s",  # the handed-in id is due at the next cycle
-            "retry_max": "1s",  # and at every cycle after a failure
-        }
-    return {"numbers": [NUMBER]}
+    return KITS[provider].matrix.keys(account, f"{INTERVAL:g}s", healthy)
 
 
 def config(faults: FaultServer, refused: int, healthy: dict[str, str]) -> str:
     data: dict = {"defaults": {"interval": f"{INTERVAL:g}s", "timeout": "1s"}}
-    for provider in PROVIDERS:
+    for provider in KITS:
         accounts = [
             {
                 "account": name(provider, "healthy"),
@@ -122,12 +83,6 @@ def config(faults: FaultServer, refused: int, healthy: dict[str, str]) -> str:
             )
         data[provider] = accounts
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(url: str) -> tuple[str, Series]:
@@ -157,7 +112,7 @@ def judge(series: Series, provider: str, fault: str) -> str | None:
     what was seen instead, endpoint by endpoint."""
     account, expected = name(provider, fault), EXPECTED[fault]
     seen = []
-    for endpoint in ENDPOINTS[provider]:
+    for endpoint in KITS[provider].matrix.endpoints:
         ups = of(series, "whatsapp_exporter_up", provider, account, endpoint)
         errors = errors_by_reason(series, provider, account, endpoint)
         if ups and not any(ups) and errors.get(expected, 0) > 0:
@@ -170,9 +125,9 @@ def judge(series: Series, provider: str, fault: str) -> str | None:
 
 def healthy_problems(series: Series) -> list[str]:
     problems = []
-    for provider in PROVIDERS:
+    for provider, kit in KITS.items():
         account = name(provider, "healthy")
-        for endpoint in ENDPOINTS[provider]:
+        for endpoint in kit.matrix.endpoints:
             ups = of(series, "whatsapp_exporter_up", provider, account, endpoint)
             errors = errors_by_reason(series, provider, account, endpoint)
             if not ups or any(v != 1 for v in ups):
@@ -187,9 +142,9 @@ def last_successes(series: Series) -> dict[tuple[str, str], float]:
     metric = "whatsapp_exporter_last_success_timestamp_seconds"
     return {
         (account, endpoint): max(of(series, metric, provider, account, endpoint), default=0.0)
-        for provider in PROVIDERS
+        for provider, kit in KITS.items()
         for account in [name(provider, "healthy")]
-        for endpoint in ENDPOINTS[provider]
+        for endpoint in kit.matrix.endpoints
     }
 
 
@@ -230,9 +185,9 @@ def last_log_line(log: str, account: str) -> str | None:
 
 def render(results: dict[tuple[str, str], str | None], log: str) -> str:
     width = max(len(f) for f in FAULTS) + 2
-    rows = ["fault".ljust(width) + "".join(p.ljust(11) for p in PROVIDERS)]
+    rows = ["fault".ljust(width) + "".join(p.ljust(11) for p in KITS)]
     for fault in FAULTS:
-        cells = ("ok" if results[p, fault] is None else "FAIL" for p in PROVIDERS)
+        cells = ("ok" if results[p, fault] is None else "FAIL" for p in KITS)
         rows.append(fault.ljust(width) + "".join(c.ljust(11) for c in cells))
     ok = sum(problem is None for problem in results.values())
     rows.append(f"{ok}/{len(CELLS)} cells ok")
@@ -273,6 +228,7 @@ def after_the_matrix(url: str, promtool: str) -> list[str]:
     return failures
 
 
+@pytest.mark.processes
 def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_path):
     promtool = require_tool("promtool", "prometheus")
     began = time.monotonic()
@@ -281,12 +237,7 @@ def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_pa
     with contextlib.ExitStack() as stack:
         faults = stack.enter_context(FaultServer())
         refused = stack.enter_context(closed_port())
-        sims = {
-            "whatsgate": WhatsGateSimulator(seed=1, devices=1, rate_limit=None),
-            "betatel": BetatelSimulator(seed=1),
-            "d7": D7Simulator(seed=1, index_delay=0),
-            "kaleyra": KaleyraSimulator(seed=1, numbers=[NUMBER]),
-        }
+        sims = {name: kit.simulator(seed=1, **kit.quick) for name, kit in KITS.items()}
         for sim in sims.values():
             stack.enter_context(sim)
         path = tmp_path / "config.yaml"
@@ -321,9 +272,10 @@ def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_pa
 
         wait_for(listening, 20, "the exporter to listen")
         started = time.monotonic()
-        for provider_fault in [("d7", fault) for fault in FAULTS]:
-            hand_in(url, name(*provider_fault), str(uuid.uuid4()))
-        hand_in(url, name("d7", "healthy"), sims["d7"].send())
+        for provider in (p for p, kit in KITS.items() if kit.matrix.hand_in):
+            for fault in FAULTS:
+                hand_in(url, name(provider, fault), str(uuid.uuid4()))
+            hand_in(url, name(provider, "healthy"), sims[provider].send())
 
         # the matrix: poll until every cell showed its fault, or two intervals have passed
         pending = set(CELLS)
@@ -403,17 +355,13 @@ def test_every_provider_reports_every_fault_and_stays_healthy_beside_them(tmp_pa
     assert ok == len(CELLS) and not failures, "\n".join([summary, *failures])
 
 
+@pytest.mark.slow
 def test_the_fault_server_serves_each_fault_as_described():
     """When a cell fails, this says whether the harness or the exporter is to blame."""
-    paths = {
-        "whatsgate": ("GET", "/reports/balance/15550000001"),
-        "betatel": ("POST", "/stats"),
-        "d7": ("GET", "/whatsapp/v2/report/00000000-0000-4000-8000-000000000000"),
-        "kaleyra": ("GET", "/v1/wamonitor/stats/+12025550100"),
-    }
     statuses = {"not_found": 404, "rate_limited": 429, "http_500": 500, "http_502_html": 502}
     with FaultServer() as faults, httpx.Client(timeout=5) as client:
-        for provider, (method, path) in paths.items():
+        for provider, kit in KITS.items():
+            method, path = kit.probe.method, kit.probe.path
             for fault, status in statuses.items():
                 answer = client.request(method, faults.url(fault, provider) + path, json={})
                 assert answer.status_code == status, (provider, fault)
@@ -433,7 +381,7 @@ def test_the_fault_server_serves_each_fault_as_described():
                 for chunk in huge.iter_raw():
                     size += len(chunk)
             assert size == HUGE_BYTES, provider
-        assert {status for status, _, _ in AUTH.values()} == {401, 403}
+        assert {kit.faults.auth[0] for kit in KITS.values()} == {401, 403}
 
         began = time.monotonic()
         with client.stream("GET", faults.url("drip", "d7") + "/x") as drip:

@@ -4,8 +4,10 @@ request, never the exporter (the fault matrix covers transport faults across all
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import random
 import uuid
 
 import httpx
@@ -13,10 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.providers import d7
-from exporter.providers.base import Api, Client, PollError, scrub
-from exporter.providers.d7.ledger import LedgerError
+from exporter.providers.base import Api, Client, PollError, nested_deeper_than, scrub
 from exporter.providers.kaleyra import monitor_stats, translate
 from exporter.ratelimit import RequestBudget
+from exporter.tracking import LedgerError
 from simulators import D7Simulator, Fault, KaleyraSimulator, WhatsGateSimulator
 from tests.conftest import run_exporter, value, wait_for
 from tests.test_d7 import AUTH, config, hand_in, tracked
@@ -110,14 +112,20 @@ def test_a_canary_answered_with_a_report_is_bad_response(sim):
     assert errors >= 1
 
 
-def test_webhook_timestamps_out_of_range_are_ignored_and_counted(sim):
+def test_webhook_timestamps_out_of_range_or_no_number_are_ignored_and_counted(sim):
+    """The status is what matters: a bad time loses only the time, never the event."""
     request_id = sim.send()
     with run_exporter(config(sim)) as running:
+        problems = {"account": "prod", "problem": "bad_timestamp"}
+        assert value(running.scrape(), "whatsapp_tracking_problems_total", **problems) == 0
         # JSON has no infinity, but 1e400 is a valid number that parses to one
         body = (
             f'[{{"request_id": "{request_id}", "msg_id": "m1", "status": "sent",'
             f' "timestamp": 1e400}}, {{"request_id": "{request_id}", "msg_id": "m1",'
-            f' "status": "delivered", "timestamp": -5}}]'
+            f' "status": "delivered", "timestamp": -5}}, {{"request_id": "{request_id}",'
+            f' "msg_id": "m1", "status": "read", "timestamp": "soon"}},'
+            f' {{"request_id": "{request_id}", "msg_id": "m2", "status": "sent",'
+            f' "timestamp": {{"ms": 5}}}}]'
         )
         answer = httpx.post(
             f"{running.url}/webhooks/d7/prod",
@@ -126,19 +134,38 @@ def test_webhook_timestamps_out_of_range_are_ignored_and_counted(sim):
             timeout=10,
         )
         assert answer.status_code == 200, answer.text
+        assert answer.json()["accepted"] == 4
         # published on the next coalesced tick, not necessarily before the 200
-        running.wait_for_metric(
-            "whatsapp_tracking_problems_total", account="prod", problem="bad_timestamp"
+        wait_for(
+            lambda: value(running.scrape(), "whatsapp_tracking_problems_total", **problems) == 4,
+            10,
+            "the bad timestamps to be counted",
         )
         series = running.scrape()
     total = value(
         series, "whatsapp_message_delivery_seconds_sum", account="prod", status="delivered"
     )
     assert total is not None and math.isfinite(total)
-    ignored = value(
-        series, "whatsapp_tracking_problems_total", account="prod", problem="bad_timestamp"
-    )
-    assert ignored == 2
+    statuses = {
+        status: value(series, "whatsapp_messages_total", account="prod", status=status)
+        for status in ("sent", "delivered", "read")
+    }
+    assert statuses == {"sent": 2, "delivered": 1, "read": 1}
+
+
+def test_tracking_counters_exist_at_zero_before_anything_happens(sim):
+    """A dashboard of a healthy install shows 0 problems, not an empty panel."""
+    with run_exporter(config(sim)) as running:
+        series = running.scrape()
+    for problem in ("bad_report", "bad_timestamp"):
+        assert (
+            value(series, "whatsapp_tracking_problems_total", account="prod", problem=problem) == 0
+        )
+    for result in ("new", "known", "refused"):
+        assert value(series, "whatsapp_tracking_ids_total", account="prod", result=result) == 0
+    assert value(series, "whatsapp_tracking_webhook_events_total", account="prod") == 0
+    for state in ("pending", "done", "expired"):
+        assert value(series, "whatsapp_tracked_requests", account="prod", state=state) == 0
 
 
 @pytest.mark.parametrize("path", ["/api/v1/requests", "/webhooks/d7/prod"])
@@ -263,3 +290,39 @@ def test_a_ledger_that_cannot_be_used_is_storage_not_d7s_fault():
         asyncio.run(follower.cycle(api, ""))
     assert caught.value.reason == "storage"
     assert "disk I/O error" in caught.value.detail
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def test_the_nesting_check_agrees_with_the_parsed_document():
+    """Random documents whose strings hold brackets, quotes and backslashes: the byte-level
+    check says what the parsed document's depth says, at every limit."""
+    rng = random.Random(5)
+    tricky = ["[", "]}", "{", '"', "\\", '\\"[', "x", ""]
+
+    def document(levels: int):
+        if levels == 0 or rng.random() < 0.3:
+            return rng.choice([1, None, *tricky])
+        if rng.random() < 0.5:
+            return [document(levels - 1) for _ in range(rng.choice([0, 1, 1, 2]))]
+        return {
+            f"k{i}{rng.choice(tricky)}": document(levels - 1) for i in range(rng.choice([1, 2]))
+        }
+
+    checked = 0
+    for _ in range(1500):
+        doc = document(rng.randint(1, 80))
+        content = json.dumps(doc).encode()
+        for limit in (1, 3, 10, 64):
+            assert nested_deeper_than(content, limit) == (_depth(doc) > limit), (limit, content)
+            checked += 1
+    assert checked == 6000
+    assert nested_deeper_than(b"[" * 65 + b"]" * 65, 64)
+    assert not nested_deeper_than(b"[" * 64 + b"]" * 64, 64)
+    assert not nested_deeper_than(b'["' + b"[" * 100 + b'"]', 64)

@@ -24,6 +24,7 @@ def busiest_window(times: list[float], period: float) -> int:
     return best
 
 
+@pytest.mark.slow  # a real 60 s window
 def test_30_devices_at_60_per_minute_never_exceed_60_in_any_60s_window():
     """At start, 30 devices want 1 + 30 + 30 requests: the 61st must wait for the window."""
     with WhatsGateSimulator(devices=30, auto=False, rate_limit=60) as sim:
@@ -56,6 +57,7 @@ whatsgate:
     assert refused == 0
 
 
+@pytest.mark.slow
 def test_429_retry_after_delays_the_accounts_next_request():
     with WhatsGateSimulator(devices=3, auto=False, rate_limit=None) as sim:
         sim.fail("balance", Fault.rate_limited(retry_after=2), times=1)
@@ -145,6 +147,7 @@ def test_block_for_holds_every_request():
     assert asyncio.run(scenario()) >= 0.29
 
 
+@pytest.mark.slow
 def test_an_account_keeps_concurrency_requests_in_flight_never_more():
     """8 devices whose balance answers take 0.5 s, 4 in flight: two waves of 4, not 8 in a row
     (4 s) nor 8 at once."""

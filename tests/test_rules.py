@@ -7,19 +7,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mixin.__main__ import rendered
 from mixin.config import RUNBOOKS, Config
-from tests.conftest import ROOT, require_tool
+from tests.conftest import ROOT, alerts, github_anchor, require_tool
 
 PROMETHEUS = ROOT / "prometheus"
 RUNBOOK_FILE = ROOT / "docs" / "runbooks.md"
-
-
-def alerts() -> list[dict]:
-    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"]]
 
 
 def test_the_rule_files_are_what_the_mixin_writes():
@@ -29,6 +25,7 @@ def test_the_rule_files_are_what_the_mixin_writes():
         assert (ROOT / path).read_text() == files[path], f"{path}: run python -m mixin"
 
 
+@pytest.mark.processes
 def test_rules_are_valid():
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(
@@ -41,6 +38,7 @@ def test_rules_are_valid():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.processes
 def test_every_alert_passes_its_promtool_unit_tests():
     promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(
@@ -83,11 +81,6 @@ def test_every_rule_group_is_in_the_unit_tests_evaluation_order():
         for group in yaml.safe_load((PROMETHEUS / name).read_text())["groups"]
     ]
     assert order["group_eval_order"] == groups
-
-
-def github_anchor(heading: str) -> str:
-    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_alerts_follow_the_mixin_conventions_and_have_runbooks():

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from simulators import (
+    KITS,
     SIMULATORS,
     BetatelSimulator,
     D7Simulator,
@@ -72,23 +73,18 @@ def start() -> Iterator[Start]:
 
 def call(sim: Simulator) -> httpx.Response:
     """One authorized request to the provider's main read endpoint (a D7 report sends first)."""
-    if isinstance(sim, WhatsGateSimulator):
-        return HTTP.get(f"{sim.base_url}/reports/balance/15550000001", headers=WG)
-    if isinstance(sim, BetatelSimulator):
-        return HTTP.post(f"{sim.base_url}/stats", json={"type": "lasth"}, headers=BT)
-    if isinstance(sim, D7Simulator):
-        return HTTP.get(f"{sim.url}/whatsapp/v2/report/{sim.send()}", headers=D7)
-    return HTTP.get(f"{sim.url}/v1/wamonitor/stats/{NUMBER}")
+    probe = KITS[sim.name].probe
+    return HTTP.request(
+        probe.method, sim.base_url + probe.path_for(sim), headers=probe.headers, json=probe.body
+    )
 
 
-MAIN_ENDPOINT = {
-    WhatsGateSimulator: "balance",
-    BetatelSimulator: "stats",
-    D7Simulator: "report",
-    KaleyraSimulator: "monitor_stats",
-}
-ALL = [WhatsGateSimulator, BetatelSimulator, D7Simulator, KaleyraSimulator]
-IDS = ["whatsgate", "betatel", "d7", "kaleyra"]
+ALL = [kit.simulator for kit in KITS.values()]
+IDS = list(KITS)
+
+
+def main_endpoint(cls: type[Simulator]) -> str:
+    return KITS[cls.name].probe.endpoint
 
 
 def free_ports(count: int) -> int:
@@ -118,13 +114,8 @@ def free_ports(count: int) -> int:
 
 
 def test_registry_names_every_simulator() -> None:
-    assert {
-        "whatsgate": WhatsGateSimulator,
-        "betatel": BetatelSimulator,
-        "d7": D7Simulator,
-        "kaleyra": KaleyraSimulator,
-    } == SIMULATORS
-    assert {cls.name for cls in SIMULATORS.values()} == set(SIMULATORS)
+    assert {name: kit.simulator for name, kit in KITS.items()} == SIMULATORS
+    assert all(kit.name == name == kit.simulator.name for name, kit in KITS.items())
 
 
 def test_base_urls_point_at_the_provider_roots(start: Start) -> None:
@@ -151,7 +142,7 @@ def test_requests_are_recorded_with_their_endpoint(start: Start, cls: type[Simul
     assert answer.status_code == 200
     recorded = sim.requests[-1]
     assert isinstance(recorded, RecordedRequest)
-    assert recorded.endpoint == MAIN_ENDPOINT[cls]
+    assert recorded.endpoint == main_endpoint(cls)
     assert before <= recorded.time <= time.time()
     assert all(key == key.lower() for key in recorded.headers)
     assert recorded.headers["host"].startswith("127.0.0.1:")
@@ -191,8 +182,8 @@ def test_unknown_path_gets_the_providers_404(start: Start) -> None:
 
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_fault_latency_delays_then_answers(start: Start, cls: type[Simulator]) -> None:
-    sim = start(cls, index_delay=0) if cls is D7Simulator else start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.latency(0.15))
+    sim = start(cls, **KITS[cls.name].quick)
+    sim.fail(main_endpoint(cls), Fault.latency(0.15))
     began = time.monotonic()
     answer = call(sim)
     assert time.monotonic() - began >= 0.15
@@ -202,25 +193,22 @@ def test_fault_latency_delays_then_answers(start: Start, cls: type[Simulator]) -
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_fault_timeout_holds_then_hangs_up(start: Start, cls: type[Simulator]) -> None:
     sim = start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.timeout(0.2), times=1)
+    sim.fail(main_endpoint(cls), Fault.timeout(0.2), times=1)
     began = time.monotonic()
     with pytest.raises(httpx.RemoteProtocolError):
         call(sim)
     assert time.monotonic() - began >= 0.2
-    sim.fail(MAIN_ENDPOINT[cls], Fault.timeout(30))
+    sim.fail(main_endpoint(cls), Fault.timeout(30))
     with pytest.raises(httpx.ReadTimeout):
         _call_with_timeout(sim, 0.1)
 
 
 def _call_with_timeout(sim: Simulator, timeout: float) -> httpx.Response:
+    probe = KITS[sim.name].probe
     with httpx.Client(timeout=timeout, verify=False) as client:
-        if isinstance(sim, WhatsGateSimulator):
-            return client.get(f"{sim.base_url}/reports/balance/15550000001", headers=WG)
-        if isinstance(sim, BetatelSimulator):
-            return client.post(f"{sim.base_url}/stats", json={}, headers=BT)
-        if isinstance(sim, D7Simulator):
-            return client.get(f"{sim.url}/whatsapp/v2/report/{uuid.uuid4()}", headers=D7)
-        return client.get(f"{sim.url}/v1/wamonitor/stats/{NUMBER}")
+        return client.request(
+            probe.method, sim.base_url + probe.path, headers=probe.headers, json=probe.body
+        )
 
 
 STATUS_BODIES = [
@@ -271,7 +259,7 @@ def test_fault_status_answers_the_documented_error_body(
     start: Start, cls: type[Simulator], code: int, body: Any
 ) -> None:
     sim = start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.status(code))
+    sim.fail(main_endpoint(cls), Fault.status(code))
     answer = call(sim)
     assert answer.status_code == code
     if isinstance(body, str):
@@ -295,7 +283,7 @@ def test_fault_status_with_a_custom_body(start: Start) -> None:
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_fault_rate_limited_sends_retry_after(start: Start, cls: type[Simulator]) -> None:
     sim = start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.rate_limited(7))
+    sim.fail(main_endpoint(cls), Fault.rate_limited(7))
     answer = call(sim)
     assert (answer.status_code, answer.headers["retry-after"]) == (429, "7")
 
@@ -312,8 +300,8 @@ def test_fault_html_502_is_an_nginx_page(start: Start, cls: type[Simulator]) -> 
 
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_fault_malformed_json_is_truncated(start: Start, cls: type[Simulator]) -> None:
-    sim = start(cls, index_delay=0) if cls is D7Simulator else start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.malformed_json())
+    sim = start(cls, **KITS[cls.name].quick)
+    sim.fail(main_endpoint(cls), Fault.malformed_json())
     answer = call(sim)
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "application/json"
@@ -322,23 +310,15 @@ def test_fault_malformed_json_is_truncated(start: Start, cls: type[Simulator]) -
         answer.json()
 
 
-WRONG_SHAPES: dict[type[Simulator], Callable[[Any], bool]] = {
-    WhatsGateSimulator: lambda body: not isinstance(body["remaining"], int),
-    BetatelSimulator: lambda body: not isinstance(body, list),
-    D7Simulator: lambda body: not isinstance(body["messages"], list),
-    KaleyraSimulator: lambda body: not isinstance(body["RESPONSE"]["data"]["stats"], dict),
-}
-
-
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_fault_wrong_shape_is_valid_json_of_another_shape(
     start: Start, cls: type[Simulator]
 ) -> None:
     sim = start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.wrong_shape())
+    sim.fail(main_endpoint(cls), Fault.wrong_shape())
     answer = call(sim)
     assert answer.status_code == 200
-    assert WRONG_SHAPES[cls](answer.json())
+    assert KITS[cls.name].probe.misshapen(answer.json())
 
 
 def test_fault_wrong_shape_on_whatsgate_device_list(start: Start) -> None:
@@ -364,13 +344,13 @@ def test_fault_wrong_shape_on_whatsgate_device_list(start: Start) -> None:
             {"statusCode": 400, "error": "Bad Request", "message": "quota exceeded"},
         ),
     ],
-    ids=IDS,
+    ids=["whatsgate", "kaleyra", "d7", "betatel"],
 )
 def test_fault_provider_error_is_the_providers_logical_error(
     start: Start, cls: type[Simulator], status: int, body: Any
 ) -> None:
     sim = start(cls)
-    sim.fail(MAIN_ENDPOINT[cls], Fault.provider_error("quota exceeded"))
+    sim.fail(main_endpoint(cls), Fault.provider_error("quota exceeded"))
     answer = call(sim)
     assert (answer.status_code, answer.json()) == (status, body)
 
@@ -1571,6 +1551,7 @@ def test_kaleyra_is_repeatable_for_a_seed(start: Start) -> None:
 # --- command line -------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_cli_serves_all_providers_and_stops_on_sigterm() -> None:
     port = free_ports(4)
     env = {

@@ -9,9 +9,12 @@ import subprocess
 import tempfile
 
 import httpx
+import pytest
 
 from simulators import BetatelSimulator, Fault, KaleyraSimulator
 from tests.conftest import ROOT, require_tool, run_exporter, wait_for
+
+pytestmark = pytest.mark.processes  # headless Chromium
 
 ARTIFACTS = ROOT / "test-artifacts"
 NUMBER = "+12025550100"

@@ -38,6 +38,8 @@ from exporter.web import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS
 from tests.conftest import parse_exposition, value, wait_for
 from tests.test_webconfig import _key, _key_pem, _pem
 
+pytestmark = pytest.mark.processes  # every test runs `python -m exporter`
+
 TOKEN = "ingest-secret"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 BEARER_LINE = f"Authorization: Bearer {TOKEN}\r\n".encode()

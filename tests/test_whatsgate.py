@@ -183,6 +183,7 @@ def test_connection_refused_is_connect():
     )
 
 
+@pytest.mark.slow
 def test_a_device_that_goes_away_is_forgotten(sim):
     with run_exporter(config(sim).replace("interval: 30s", "interval: 1s")) as running:
         ready(running)

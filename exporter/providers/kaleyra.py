@@ -554,7 +554,7 @@ def _merge(families: Iterable[Family], warned: set[str]) -> list[Family]:
 
 
 def translate(number: str, result: MonitorStats, warned: set[str] | None = None) -> list[Family]:
-    """Every family the client sent, renamed and typed by rule (design.md, "Metric contract").
+    """Every family the client sent, renamed and typed by rule (README.md, "Metrics").
     `warned`: names of clashes already logged for this account."""
 
     def families() -> Iterator[Family]:

@@ -8,26 +8,31 @@ a panel shows what a rule records.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from mixin.config import Config
-from mixin.dashboards.betatel import betatel
 from mixin.dashboards.builder import Json, all_panels, annotation_queries, panel_queries, render
-from mixin.dashboards.d7 import d7
 from mixin.dashboards.exporter import exporter
-from mixin.dashboards.kaleyra import kaleyra
 from mixin.dashboards.overview import overview
 from mixin.dashboards.slo import slo
-from mixin.dashboards.whatsgate import whatsgate
+from simulators import KITS
 
+
+def provider_board(name: str) -> Callable[[Config], Json]:
+    """A provider's dashboard: `<name>(config)` in mixin/dashboards/<name>.py."""
+    build = getattr(importlib.import_module(f"mixin.dashboards.{name}"), name, None)
+    if build is None:
+        raise LookupError(f"mixin/dashboards/{name}.py defines no {name}(config), its dashboard")
+    return build
+
+
+# file name -> what builds it: the three across providers, and one per provider kit
 BOARDS: dict[str, Callable[[Config], Json]] = {
     "whatsapp-overview.json": overview,
-    "whatsapp-whatsgate-devices.json": whatsgate,
-    "whatsapp-d7-delivery.json": d7,
-    "whatsapp-kaleyra-client.json": kaleyra,
-    "whatsapp-betatel-stats.json": betatel,
     "whatsapp-exporter.json": exporter,
     "whatsapp-slo.json": slo,
+    **{f"{kit.dashboard}.json": provider_board(name) for name, kit in KITS.items()},
 }
 
 __all__ = ["BOARDS", "all_panels", "annotation_queries", "panel_queries", "render"]

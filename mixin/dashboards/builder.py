@@ -12,19 +12,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from mixin.config import Config
+from simulators import KITS
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
 TAG = "whatsapp"
+# the dashboards across providers, and one per provider (its kit names the uid)
 UIDS = {
     "overview": "whatsapp-overview",
-    "whatsgate": "whatsapp-whatsgate-devices",
-    "d7": "whatsapp-d7-delivery",
-    "kaleyra": "whatsapp-kaleyra-client",
-    "betatel": "whatsapp-betatel-stats",
     "exporter": "whatsapp-exporter",
     "slo": "whatsapp-slo",
-}
+} | {name: kit.dashboard for name, kit in KITS.items()}
 RATE = "$__rate_interval"
 D7_FAILED = "un_delivered|rejected|insufficient_credit"
 # series about an exporter process, not about a provider's account

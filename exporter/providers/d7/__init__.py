@@ -13,7 +13,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,16 @@ from exporter.providers.base import (
 )
 from exporter.providers.d7.account import Account
 from exporter.providers.d7.ingest import Ingest
-from exporter.providers.d7.ledger import (
+from exporter.providers.d7.statuses import open_d7_ledger
+from exporter.routing import Route
+from exporter.tracking import (
     BUCKETS,
+    STATES,
     Ledger,
     LedgerError,
     MessageUpdate,
     Totals,
-    open_ledger,
 )
-from exporter.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +193,10 @@ class Follower:
             raise bad[0].args[0]
         return Cycle(len(due), self.ledger.pending_count(name))
 
-    async def _ledger(self, write: Callable[..., Any], *args: Any) -> Any:
-        """A ledger call in a thread; its failure is the exporter's disk, not D7."""
+    async def _ledger(self, call: Callable[..., Future[Any]], *args: Any) -> Any:
+        """A ledger call, done by its writer thread; its failure is the exporter's disk, not D7."""
         try:
-            return await asyncio.to_thread(write, *args)
+            return await asyncio.wrap_future(call(*args))
         except LedgerError as exc:
             raise PollError("storage", f"the D7 ledger cannot be used: {exc}") from None
 
@@ -225,11 +227,12 @@ def cycle_families(target: str, result: Cycle) -> list[Family]:
     return []
 
 
-def ledger_families(totals: dict[str, Totals]) -> list[Family]:
-    """whatsapp_messages_total, whatsapp_tracked_requests, whatsapp_message_delivery_seconds."""
+def ledger_families(totals: Mapping[str, Totals], accounts: Iterable[str] = ()) -> list[Family]:
+    """whatsapp_messages_total, whatsapp_tracked_requests, whatsapp_message_delivery_seconds;
+    every account in `accounts` is shown, at 0 until the ledger knows it."""
     messages, tracked, delivery = [], [], []
-    for account in sorted(totals):
-        t = totals[account]
+    for account in sorted({*totals, *accounts}):
+        t = totals.get(account) or Totals()
         base = (("provider", "d7"), ("account", account))
         for (status, conversation, kind), count in sorted(t.messages.items()):
             labels = (
@@ -239,7 +242,7 @@ def ledger_families(totals: dict[str, Totals]) -> list[Family]:
                 ("message_type", kind),
             )
             messages.append(Sample(labels, float(count), "_total"))
-        for state in ("pending", "done", "expired"):
+        for state in STATES:
             tracked.append(Sample((*base, ("state", state)), float(t.states.get(state, 0))))
         for status in sorted(t.buckets):
             counts, running = t.buckets[status], 0
@@ -284,7 +287,7 @@ class Tracking:
         if context.storage_url is None:
             _adopt_the_old_ledger(Path(context.storage_path))
         try:
-            self.ledger = open_ledger(
+            self.ledger = open_d7_ledger(
                 context.storage_url or context.storage_path, password=context.storage_password
             )
         except LedgerError as exc:
@@ -314,21 +317,28 @@ class Tracking:
         return self._ingest.routes()
 
     def families(self) -> list[Family]:
+        """Every configured account's counters, at 0 until something happens: a dashboard of a
+        healthy install shows 0 problems, not an empty panel."""
+        accounts = sorted({*self._accounts(), *(a for a, _ in self.counts)})
+
         def counted(kinds: dict[str, str], label: str) -> tuple[Sample, ...]:
             return tuple(
-                Sample((*_labels(a), (label, kinds[what])), float(n), "_total")
-                for (a, what), n in sorted(self.counts.items())
-                if what in kinds
+                Sample(
+                    (*_labels(a), (label, value)), float(self.counts.get((a, what), 0)), "_total"
+                )
+                for a in accounts
+                for what, value in sorted(kinds.items(), key=lambda kind: kind[1])
             )
 
         return [
-            *ledger_families(self.ledger.totals()),
+            *ledger_families(self.ledger.totals(), self._accounts()),
             Family(
                 "whatsapp_tracking_problems",
                 "counter",
                 "D7 reports and webhook events the exporter could not use: bad_report (one id's "
                 "report was malformed; the id is asked again later), bad_timestamp (an event's "
-                "time was before 2015 or in the future, and was ignored).",
+                "time was no number, before 2015 or in the future: its status was kept, its "
+                "time ignored).",
                 counted({"bad_report": "bad_report", "bad_timestamp": "bad_timestamp"}, "problem"),
             ),
             Family(
@@ -345,9 +355,8 @@ class Tracking:
                 "counter",
                 "D7 delivery events received by the webhook and stored.",
                 tuple(
-                    Sample(_labels(a), float(n), "_total")
-                    for (a, what), n in sorted(self.counts.items())
-                    if what == "events"
+                    Sample(_labels(a), float(self.counts.get((a, "events"), 0)), "_total")
+                    for a in accounts
                 ),
             ),
             Family(
@@ -365,7 +374,7 @@ class Tracking:
         out = {}
         for account in sorted(self._accounts()):
             states = totals[account].states if account in totals else {}
-            oldest = await asyncio.to_thread(self.ledger.oldest_pending, account)
+            oldest = await asyncio.wrap_future(self.ledger.oldest_pending(account))
             webhook = self.last_webhook.get(account)
             out[account] = {
                 "pending": str(states.get("pending", 0)),

@@ -7,7 +7,7 @@ import re
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from exporter.config import AccountBase, Duration, SecretFile
-from exporter.providers.d7.ledger import Schedule
+from exporter.tracking import Schedule
 
 
 class Account(AccountBase):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
@@ -20,8 +21,8 @@ from pydantic import Field, StringConstraints, field_validator
 from exporter.exposition import safe_text
 from exporter.providers.base import Answer, PollError, load_json, parse
 from exporter.providers.d7.account import Account
-from exporter.providers.d7.ledger import Ledger, LedgerError, MessageUpdate
 from exporter.routing import Request, Response, Route, json_response
+from exporter.tracking import Ledger, LedgerError, MessageUpdate
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,23 @@ class WebhookEvent(Answer):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _timestamp(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
+        """A time that is no number ("soon", {}) is a bad time, not a bad event: its status is
+        kept and the time counted as a problem, as one out of range is (`at`)."""
+        if value in ("", None):
+            return None
+        if isinstance(value, bool):
+            return math.nan
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            return math.nan
 
     @property
     def at(self) -> float | None:
         """When it happened, if D7 said so believably: a timestamp before 2015 or more than a day
         ahead (`1e400` is +Inf) would poison the delivery histogram for good."""
         seconds = self.timestamp / 1000 if self.timestamp is not None else None
-        if seconds is None or not EARLIEST <= seconds <= time.time() + 86400:
+        if seconds is None or not EARLIEST <= seconds <= time.time() + 86400:  # (NaN: never)
             return None
         return seconds
 
@@ -126,8 +136,8 @@ class Ingest:
         if isinstance(account, Response):
             return account
         try:
-            new = await asyncio.to_thread(
-                self._ledger.add, account.account, handover.request_ids, account.schedule()
+            new = await asyncio.wrap_future(
+                self._ledger.add(account.account, handover.request_ids, account.schedule())
             )
         except LedgerError as exc:
             self._refused(body)
@@ -168,7 +178,9 @@ class Ingest:
         if ignored:
             self._count(account.account, "bad_timestamp", ignored)
         try:
-            await asyncio.to_thread(self._ledger.report, account.account, batch, account.schedule())
+            await asyncio.wrap_future(
+                self._ledger.report(account.account, batch, account.schedule())
+            )
         except LedgerError as exc:
             return _unavailable(exc)
         self._count(account.account, "events", len(batch))

@@ -1,23 +1,27 @@
-"""Where the D7 ledger keeps its rows: a SQLite file, or a PostgreSQL database that replicas share.
+"""Where a delivery ledger keeps its rows: a SQLite file, or a PostgreSQL database replicas share.
 
 The ledger's rules are written once (ledger.py) against a `Store`, which says only what differs:
-how a statement is sent, how a write transaction starts (SQLite: `BEGIN IMMEDIATE`, one writer
-for the whole file; PostgreSQL: `BEGIN` and an advisory lock that serialises the writers of one
-account across every replica), the column types, and where request states are counted.
+how a statement is sent, how a list of ids is passed in one statement, how a write transaction
+starts (SQLite: `BEGIN IMMEDIATE`, one writer for the whole file; PostgreSQL: `BEGIN` and advisory
+locks that serialise the writers of one account across every replica), the column types, and
+where request states are counted. Each provider's ledger has its own tables (`Names.prefix`), so
+several share one PostgreSQL database (docs/architecture.md, "Delivery tracking").
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS requests (
+    """CREATE TABLE IF NOT EXISTS {p}requests (
     account TEXT NOT NULL,
     request_id TEXT NOT NULL,
     accepted_at {real} NOT NULL,
@@ -29,12 +33,12 @@ SCHEMA = (
     sent_at {real},
     PRIMARY KEY (account, request_id)
 ){table_options}""",
-    "CREATE INDEX IF NOT EXISTS requests_due ON requests (account, next_poll_at)"
+    "CREATE INDEX IF NOT EXISTS {p}requests_due ON {p}requests (account, next_poll_at)"
     " WHERE state = 'pending'",
-    "CREATE INDEX IF NOT EXISTS requests_age ON requests (state, accepted_at)",
-    "CREATE INDEX IF NOT EXISTS requests_finished ON requests (account, finished_at)"
+    "CREATE INDEX IF NOT EXISTS {p}requests_age ON {p}requests (state, accepted_at)",
+    "CREATE INDEX IF NOT EXISTS {p}requests_finished ON {p}requests (account, finished_at)"
     " WHERE state != 'pending'",
-    """CREATE TABLE IF NOT EXISTS messages (
+    """CREATE TABLE IF NOT EXISTS {p}messages (
     account TEXT NOT NULL,
     request_id TEXT NOT NULL,
     msg_id TEXT NOT NULL,
@@ -43,7 +47,7 @@ SCHEMA = (
     delivered_at {real},
     PRIMARY KEY (account, request_id, msg_id)
 ){table_options}""",
-    """CREATE TABLE IF NOT EXISTS message_counts (
+    """CREATE TABLE IF NOT EXISTS {p}message_counts (
     account TEXT NOT NULL,
     status TEXT NOT NULL,
     conversation_type TEXT NOT NULL,
@@ -51,7 +55,7 @@ SCHEMA = (
     count {count} NOT NULL,
     PRIMARY KEY (account, status, conversation_type, message_type)
 ){table_options}""",
-    """CREATE TABLE IF NOT EXISTS delivery_seconds (
+    """CREATE TABLE IF NOT EXISTS {p}delivery_seconds (
     account TEXT NOT NULL,
     status TEXT NOT NULL,
     bucket INTEGER NOT NULL,   -- index into BUCKETS, len(BUCKETS) for +Inf
@@ -66,19 +70,50 @@ class LedgerError(Exception):
     """The store cannot be opened or written (path, permissions, a corrupt file, the server)."""
 
 
+@dataclass(frozen=True)
+class Names:
+    """One provider's tables and locks in a store: `prefix` before every table and index name,
+    `namespace` the high half of its advisory lock keys (4 bytes)."""
+
+    prefix: str
+    namespace: bytes
+
+    @classmethod
+    def of(cls, provider: str) -> Names:
+        return cls(f"{provider}_", hashlib.sha256(provider.encode()).digest()[:4])
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("{p}", self.prefix)
+
+    def lock_key(self, account: str | None) -> int:
+        """A stable key per account (sha256, the same in every replica and release); None: the
+        whole ledger."""
+        digest = hashlib.sha256(account.encode()).digest()[:4] if account is not None else bytes(4)
+        return int.from_bytes(self.namespace + digest, "big", signed=True)
+
+
 class Store:
-    """One connection to where the rows are; used under the ledger's lock, one thread at a time."""
+    """One connection to where the rows are; used by the ledger's writer thread alone."""
 
     # other processes write here too: counts are kept in tables and read back, not only summed
     shared: ClassVar[bool] = False
     types: ClassVar[dict[str, str]]
     schema: ClassVar[tuple[str, ...]] = ()  # the backend's own tables, after SCHEMA
     state_counts: ClassVar[str]  # a query of (account, state, count)
+    in_list: ClassVar[str]  # `column <in_list>` matches the values `pack` made one parameter
     errors: tuple[type[Exception], ...]
     where: str  # for messages: never a secret
+    names: Names
 
     def statements(self) -> list[str]:
-        return [statement.format(**self.types) for statement in SCHEMA + self.schema]
+        return [
+            statement.format(p=self.names.prefix, **self.types)
+            for statement in SCHEMA + self.schema
+        ]
+
+    def pack(self, values: Sequence[str]) -> Any:
+        """Many values as the one parameter of `in_list`."""
+        raise NotImplementedError
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         raise NotImplementedError
@@ -87,8 +122,9 @@ class Store:
         """Runs `sql` once per row; returns how many rows it changed."""
         raise NotImplementedError
 
-    def begin(self, account: str | None) -> None:
-        """A write transaction for one account's rows, or (None) for the whole ledger."""
+    def begin(self, accounts: Sequence[str] | None) -> None:
+        """A write transaction that may change these accounts' statuses, or (None) the whole
+        ledger. Taking ids in changes none (`()`): a row lock keeps an id new only once."""
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -111,11 +147,15 @@ class SQLiteStore(Store):
     """One file (WAL), one writing process: request states are counted from the rows at open."""
 
     types: ClassVar = {"real": "REAL", "count": "INTEGER", "table_options": " WITHOUT ROWID"}
-    state_counts: ClassVar = "SELECT account, state, COUNT(*) FROM requests GROUP BY account, state"
+    state_counts: ClassVar = (
+        "SELECT account, state, COUNT(*) FROM {p}requests GROUP BY account, state"
+    )
+    in_list: ClassVar = "IN (SELECT value FROM json_each(?))"
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, names: Names, title: str = "the"):
         self.where = str(path)
+        self.names = names
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -123,7 +163,10 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged id survives power loss
             self._db.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open the D7 ledger at {path}: {exc}") from None
+            raise LedgerError(f"cannot open {title} ledger at {path}: {exc}") from None
+
+    def pack(self, values: Sequence[str]) -> str:
+        return json.dumps(list(values))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return self._db.execute(sql, params)
@@ -131,15 +174,13 @@ class SQLiteStore(Store):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         return self._db.executemany(sql, rows).rowcount
 
-    def begin(self, account: str | None) -> None:
+    def begin(self, accounts: Sequence[str] | None) -> None:
         self._db.execute("BEGIN IMMEDIATE")  # one writer at a time for the whole file
 
     def close(self) -> None:
         self._db.close()
 
 
-LOCK_NAMESPACE = b"D7LG"  # the high half of the ledger's advisory lock keys
-WHOLE_LEDGER = int.from_bytes(LOCK_NAMESPACE + bytes(4), "big", signed=True)
 # a session that waits longer than this for another replica's transaction gives up (the ingest
 # answers 503, retry); one that sits in a transaction this long (a frozen process) is cut off
 SESSION = {
@@ -160,12 +201,6 @@ CONNECTION = {
 }
 
 
-def lock_key(account: str) -> int:
-    """A stable key per account (sha256, the same in every replica and release)."""
-    digest = hashlib.sha256(account.encode()).digest()
-    return int.from_bytes(LOCK_NAMESPACE + digest[:4], "big", signed=True)
-
-
 class PostgresStore(Store):
     """A database replicas share. Every count lives in a table, changed in the transaction that
     changes what it counts, so any replica reads the same totals."""
@@ -173,16 +208,18 @@ class PostgresStore(Store):
     shared: ClassVar = True
     types: ClassVar = {"real": "DOUBLE PRECISION", "count": "BIGINT", "table_options": ""}
     schema: ClassVar = (
-        """CREATE TABLE IF NOT EXISTS request_counts (
+        """CREATE TABLE IF NOT EXISTS {p}request_counts (
     account TEXT NOT NULL,
     state TEXT NOT NULL,
     count BIGINT NOT NULL,
     PRIMARY KEY (account, state)
 )""",
     )
-    state_counts: ClassVar = "SELECT account, state, count FROM request_counts"
+    state_counts: ClassVar = "SELECT account, state, count FROM {p}request_counts"
+    in_list: ClassVar = "= ANY(?)"
 
-    def __init__(self, url: str, password: str | None = None):
+    def __init__(self, url: str, names: Names, password: str | None = None, title: str = "the"):
+        self.names = names
         try:
             import psycopg  # noqa: PLC0415 - only a shared ledger needs it
             from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
@@ -190,6 +227,7 @@ class PostgresStore(Store):
             raise LedgerError(
                 "a PostgreSQL ledger needs psycopg 3: pip install 'psycopg[binary]'"
             ) from None
+        self._title = title
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
         self._secrets = [password] if password else []
@@ -198,7 +236,7 @@ class PostgresStore(Store):
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
             raise LedgerError(
-                f"cannot open the D7 ledger at {self.where}: not a PostgreSQL URL: "
+                f"cannot open {title} ledger at {self.where}: not a PostgreSQL URL: "
                 f"{self.reason(exc)}"
             ) from None
         if params.get("password"):
@@ -211,7 +249,7 @@ class PostgresStore(Store):
             self._connection = self._connect()
         except psycopg.Error as exc:
             raise LedgerError(
-                f"cannot open the D7 ledger at {self.where}: {self.reason(exc)}"
+                f"cannot open {title} ledger at {self.where}: {self.reason(exc)}"
             ) from None
 
     def _connect(self) -> Any:
@@ -237,6 +275,9 @@ class PostgresStore(Store):
         self._connection = self._connect()
         return call()
 
+    def pack(self, values: Sequence[str]) -> list[str]:
+        return list(values)
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         sql = sql.replace("?", "%s")
         if self._in_transaction:
@@ -248,18 +289,22 @@ class PostgresStore(Store):
         cursor.executemany(sql.replace("?", "%s"), rows)
         return cursor.rowcount
 
-    def begin(self, account: str | None) -> None:
-        """Writers of one account wait for each other; a whole-ledger writer (creating the
-        schema) waits for all of them, and they for it."""
+    def begin(self, accounts: Sequence[str] | None) -> None:
+        """Writers of one account's statuses wait for each other; a whole-ledger writer
+        (creating the schema) waits for all of them, and they for it. Every transaction takes
+        its accounts' locks in the order of their keys, so two never wait for each other."""
+        whole = self.names.lock_key(None)
 
         def start() -> None:
             self._connection.execute("BEGIN")
-            if account is None:
-                self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (WHOLE_LEDGER,))
+            if accounts is None:
+                self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (whole,))
             else:
+                keys = sorted({self.names.lock_key(a) for a in accounts})
                 self._connection.execute(
-                    "SELECT pg_advisory_xact_lock_shared(%s), pg_advisory_xact_lock(%s)",
-                    (WHOLE_LEDGER, lock_key(account)),
+                    "SELECT pg_advisory_xact_lock_shared(%s),"
+                    " (SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k)",
+                    (whole, keys),
                 )
 
         try:
@@ -280,8 +325,10 @@ class PostgresStore(Store):
 
     def count_states(self, rows: list[tuple[str, str, int]]) -> None:
         self.executemany(
-            "INSERT INTO request_counts VALUES (?, ?, ?) ON CONFLICT (account, state)"
-            " DO UPDATE SET count = request_counts.count + excluded.count",
+            self.names.sql(
+                "INSERT INTO {p}request_counts VALUES (?, ?, ?) ON CONFLICT (account, state)"
+                " DO UPDATE SET count = {p}request_counts.count + excluded.count"
+            ),
             rows,
         )
 

@@ -1,0 +1,800 @@
+"""A delivery ledger: message ids followed to their final status, each status counted once.
+
+A provider that reports what happened to each message (D7 per request id, polled and by webhook;
+Meta's Cloud API by webhook) hands the ledger (message id, status, time, category) updates; how a
+provider's statuses relate is its `Vocabulary`. Ids are kept in SQLite (WAL) or in a PostgreSQL
+database that replicas share (`open_ledger`): an update is committed before it is acknowledged,
+and a message's statuses are counted in the transaction that records them as seen, so neither a
+restart nor a `kill -9` loses an update or counts a status twice. The rules are written once; a
+`Store` (stores.py) says what differs between the two.
+
+One writer thread owns the store's connection (docs/architecture.md, "Delivery tracking"). Every
+call is a job on its queue and returns a `concurrent.futures.Future`: the writer takes all the
+jobs that queued while it was busy, runs them in one transaction, and resolves their futures
+after its COMMIT (group commit: one fsync for many callbacks). The totals the metrics show are
+published after each commit as a new mapping that is never changed again, so a reader (the event
+loop) takes them without a lock and never waits for a transaction. With PostgreSQL other replicas
+write too, so the writer also reads the totals back from the tables every second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.tracking.stores import LedgerError, Names, PostgresStore, SQLiteStore, Store
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
+REFRESH_EVERY = 1.0  # seconds between reads of a shared ledger's counts
+MAX_BATCH = 1024  # jobs in one transaction at most
+STATES = ("pending", "done", "expired")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What one provider's statuses mean: the order a message goes through them, which are
+    final, which imply others (a message that was read was delivered), and the bounded values
+    its category labels may take. `names` are its tables and locks in a store."""
+
+    title: str  # in messages: "the D7 ledger"
+    statuses: tuple[str, ...]
+    final: frozenset[str]
+    implies: Mapping[str, tuple[str, ...]]
+    conversation_types: frozenset[str]
+    message_types: frozenset[str]
+    names: Names
+    timed: tuple[str, ...] = ("delivered", "read")  # observed in the delivery histogram
+
+    def status(self, raw: object) -> str:
+        status = str(raw or "").strip().lower().replace(" ", "_").replace("-", "_")
+        return status if status in self.statuses else "unknown"
+
+    def latest(self, reached: set[str]) -> str:
+        order = {status: index for index, status in enumerate(self.statuses)}
+        return max(reached, key=lambda s: order.get(s, -1), default="unknown")
+
+
+@dataclass(frozen=True)
+class MessageUpdate:
+    """One message's status as an answer or a webhook told it; ids are never labels."""
+
+    msg_id: str
+    status: str
+    conversation_type: str = ""
+    message_type: str = ""
+    at: float | None = None  # when the status happened, if the source says (webhooks do)
+
+
+@dataclass(frozen=True)
+class Due:
+    account: str
+    request_id: str
+    accepted_at: float
+    attempts: int
+    not_found_since: float | None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one account's ids are followed; from its config."""
+
+    first: float = 30.0
+    max: float = 1800.0
+    not_found_grace: float = 600.0
+    final_after: float = 86400.0
+    expire_after: float = 259200.0
+    keep_finished: float = 604800.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.first * 2 ** min(attempts, 30), self.max)
+
+
+@dataclass
+class Totals:
+    """What the metrics show for one account, as plain numbers. A published one is never
+    changed: the writer publishes new ones."""
+
+    messages: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    buckets: dict[str, list[int]] = field(default_factory=dict)  # status -> per-bucket counts
+    sums: dict[str, float] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+
+    def copy(self) -> Totals:
+        return Totals(
+            dict(self.messages),
+            {s: list(b) for s, b in self.buckets.items()},
+            dict(self.sums),
+            dict(self.states),
+        )
+
+
+def _bounded(raw: object, known: frozenset[str]) -> str:
+    value = str(raw or "").strip().lower()
+    return value if value in known else ("other" if value else "unknown")
+
+
+def _storable(text: str) -> str:
+    """Ids are kept as given, but PostgreSQL's text cannot hold NUL (JSON's "\\u0000")."""
+    return text.replace("\0", "\ufffd") if "\0" in text else text
+
+
+def open_ledger(
+    location: str,
+    *,
+    vocabulary: Vocabulary,
+    password: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Ledger:
+    """`postgresql://...` or `postgres://...`: the PostgreSQL database replicas share (libpq's
+    URL; `password` wins over one in it, and PGPASSWORD or PGPASSFILE serve as libpq reads them).
+    Anything else is the path of a SQLite file."""
+    if location.startswith(("postgresql://", "postgres://")):
+        store = PostgresStore(location, vocabulary.names, password, vocabulary.title)
+        return Ledger(store, vocabulary=vocabulary, clock=clock)
+    return Ledger(location, vocabulary=vocabulary, clock=clock)
+
+
+@dataclass
+class _Counted:
+    """What one transaction counted: written just before its COMMIT, published after."""
+
+    messages: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    observed: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # per bucket
+    seconds: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # their sum
+    states: Counter[tuple[str, str]] = field(default_factory=Counter)  # requests moved
+
+    def accounts(self) -> set[str]:
+        return {key[0] for counts in (self.messages, self.observed, self.states) for key in counts}
+
+
+@dataclass
+class _Job:
+    """One call, run by the writer. `accounts`: whose statuses it may change (their locks), or
+    None for the whole ledger. Jobs with the same `merge` key run as one (`run` takes all their
+    argument tuples at once)."""
+
+    run: Callable[..., Any]
+    args: tuple[Any, ...]
+    accounts: tuple[str, ...] | None
+    future: Future[Any]
+    write: bool = True
+    merge: Hashable | None = None
+
+
+class Ledger:
+    """A ledger on a SQLite file (`Ledger(path, vocabulary=...)`) or on any `Store`."""
+
+    def __init__(
+        self,
+        where: str | Path | Store,
+        *,
+        vocabulary: Vocabulary,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._v = vocabulary
+        self._store = (
+            where
+            if isinstance(where, Store)
+            else SQLiteStore(where, vocabulary.names, vocabulary.title)
+        )
+        self._sql = _Statements(vocabulary.names, self._store)
+        self._clock = clock
+        self._listeners: list[Callable[[], None]] = []
+        self._counted = _Counted()
+        self._totals: Mapping[str, Totals] = {}
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._gate = threading.Lock()  # a job is queued before close's end mark, or refused
+        try:
+            # the whole ledger's lock: replicas starting at once create the schema once
+            with self._transaction(None, failure=f"cannot open {self}"):
+                for statement in self._store.statements():
+                    self._store.execute(statement)
+            self._totals = self._load_totals()
+        except LedgerError:
+            self._store.close()
+            raise
+        self._refreshed = time.monotonic()
+        self._failing = False
+        self._writer = threading.Thread(
+            target=self._write_forever, name=f"ledger {vocabulary.names.prefix}", daemon=True
+        )
+        self._writer.start()
+
+    def __str__(self) -> str:
+        return f"{self._v.title} ledger at {self._store.where}"
+
+    def close(self) -> None:
+        """What was queued before is still done; what comes after is refused."""
+        with self._gate:
+            if not self._closing.is_set():
+                self._closing.set()
+                self._queue.put(None)
+        self._writer.join(30)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Called from the writer thread after new totals are published."""
+        self._listeners.append(listener)
+
+    # --- taking ids in ---
+
+    def add(self, account: str, request_ids: Sequence[str], schedule: Schedule) -> Future[int]:
+        """Track these ids; resolves to how many were new, once committed. Changes no status,
+        so it waits for no poll cycle: a row lock keeps an id new only once across replicas."""
+        return self._submit(self._add, (account, request_ids, schedule), ())
+
+    def report(
+        self,
+        account: str,
+        events: Sequence[tuple[str, MessageUpdate, float | None]],
+        schedule: Schedule,
+    ) -> Future[None]:
+        """Delivery webhooks, (request id, status, send time if known) each: an unknown id
+        starts being tracked, and each status counts once. Resolves once committed.
+
+        A webhook speaks for one message, so only a poll, whose answer lists every message of
+        the request, decides that a request is done."""
+        return self._submit(
+            self._report, (account, events, schedule), (account,), merge=("report", account)
+        )
+
+    # --- following ids ---
+
+    def due(self, account: str, limit: int) -> Future[list[Due]]:
+        """The ids whose next poll is due, oldest due first."""
+        return self._submit(self._due, (account, limit), (), write=False)
+
+    def record(
+        self,
+        account: str,
+        answers: Iterable[tuple[Due, list[MessageUpdate] | None, str | None]],
+        schedule: Schedule,
+    ) -> Future[None]:
+        """One poll cycle's answers, in one transaction of a few statements whatever its size.
+
+        Each answer is (id, its messages, None), or (id, None, "not_found"), or (id, None,
+        "gone") for an id the provider will never know (a malformed id), or (id, None, "retry").
+        """
+        return self._submit(self._record, (account, answers, schedule), (account,))
+
+    def expire_old(self, account: str, schedule: Schedule) -> Future[bool]:
+        return self._submit(self._expire_old, (account, schedule), (account,))
+
+    # --- reading ---
+
+    def totals(self) -> Mapping[str, Totals]:
+        """The newest published totals: never waits (the event loop renders from them)."""
+        return self._totals
+
+    def pending_count(self, account: str) -> int:
+        totals = self._totals.get(account)
+        return totals.states.get("pending", 0) if totals else 0
+
+    def oldest_pending(self, account: str) -> Future[float | None]:
+        """When the oldest id still pending came in (for the status page)."""
+        return self._submit(self._oldest_pending, (account,), (), write=False)
+
+    # --- the writer ---
+
+    def _submit(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        accounts: tuple[str, ...] | None,
+        *,
+        write: bool = True,
+        merge: Hashable | None = None,
+    ) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._gate:
+            if not self._closing.is_set():
+                self._queue.put(_Job(run, args, accounts, future, write, merge))
+                return future
+        verb = "write" if write else "read"
+        future.set_exception(LedgerError(f"cannot {verb} {self._v.title} ledger: it is closed"))
+        return future
+
+    def _write_forever(self) -> None:
+        try:
+            while self._write_once():
+                pass
+        finally:
+            with self._gate:
+                self._refuse_the_rest()
+            self._store.close()
+
+    def _write_once(self) -> bool:
+        """One batch (or, idle, a refresh); False once closed."""
+        try:
+            try:
+                first = self._queue.get(timeout=REFRESH_EVERY if self._store.shared else None)
+            except queue.Empty:
+                self._refresh()
+                return True
+            jobs = [first]
+            while len(jobs) < MAX_BATCH:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._run([job for job in jobs if job is not None])
+            if self._store.shared and time.monotonic() - self._refreshed >= REFRESH_EVERY:
+                self._refresh()
+            return None not in jobs
+        except Exception:  # a bug here must not leave every later caller waiting forever
+            log.exception(f"{self._v.title} ledger's writer failed; it goes on")
+            return not self._closing.is_set()
+
+    def _refuse_the_rest(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.set_exception(LedgerError(f"cannot use {self._v.title} ledger: closed"))
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One transaction for all of them; if it fails, each alone, so that one bad job (or a
+        lost connection) fails only itself."""
+        if not jobs:
+            return
+        groups = _merged(jobs)
+        writes = [job for job in jobs if job.write]
+        try:
+            if writes:
+                locks = None if any(j.accounts is None for j in writes) else _accounts(writes)
+                with self._transaction(locks):
+                    results = [group[0].run(*_arguments(group)) for group in groups]
+            else:
+                with self._reading():
+                    results = [group[0].run(*_arguments(group)) for group in groups]
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._run([job])
+                return
+            if not isinstance(exc, LedgerError):
+                log.exception(
+                    "a ledger job failed", extra={"fields": {"job": jobs[0].run.__name__}}
+                )
+            jobs[0].future.set_exception(exc)
+            return
+        for group, result in zip(groups, results, strict=True):
+            for job in group:
+                job.future.set_result(result)
+        if writes:
+            self._changed()
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("a ledger listener failed")
+
+    # --- the jobs (on the writer thread) ---
+
+    def _add(self, account: str, request_ids: Sequence[str], schedule: Schedule) -> int:
+        now = self._clock()
+        rows = [
+            (account, rid, now, now + schedule.first)
+            for rid in dict.fromkeys(_storable(rid) for rid in request_ids)
+        ]
+        new = self._store.executemany(self._sql.insert_request, rows)
+        self._counted.states[account, "pending"] += new
+        return new
+
+    def _report(self, *calls: tuple[str, Sequence[Any], Schedule]) -> None:
+        """Every queued webhook call of one account, as one."""
+        account, _, schedule = calls[0]
+        now = self._clock()
+        events = [
+            (_storable(given_id), update, sent_at)
+            for _, batch, _ in calls
+            for given_id, update, sent_at in batch
+        ]
+        ids = list(dict.fromkeys(request_id for request_id, _, _ in events))
+        inserted = self._store.executemany(
+            self._sql.insert_request, [(account, rid, now, now + schedule.first) for rid in ids]
+        )
+        self._counted.states[account, "pending"] += inserted
+        sent = [(at, account, rid) for rid, _, at in events if at is not None]
+        if sent:
+            self._store.executemany(self._sql.set_sent_at, sent)
+        by_request: dict[str, list[MessageUpdate]] = defaultdict(list)
+        for request_id, update, _ in events:
+            by_request[request_id].append(update)
+        self._apply(account, by_request, now)
+
+    def _due(self, account: str, limit: int) -> list[Due]:
+        rows = self._store.execute(self._sql.due, (account, self._clock(), limit)).fetchall()
+        return [Due(account, rid, acc, att, nf) for rid, acc, att, nf in rows]
+
+    def _record(
+        self,
+        account: str,
+        answers: Iterable[tuple[Due, list[MessageUpdate] | None, str | None]],
+        schedule: Schedule,
+    ) -> None:
+        now = self._clock()
+        answers = list(answers)  # (read here, inside the transaction)
+        answered = {d.request_id: u for d, u, _ in answers if u is not None}
+        messages = self._apply(account, answered, now) if answered else {}
+        finished: dict[str, list[str]] = {"done": [], "expired": []}
+        later = []  # (next poll, not found since, account, request id)
+        for due, updates, problem in answers:
+            since = due.not_found_since
+            delay = schedule.delay(due.attempts)
+            if updates is not None:
+                if self._settled(messages[due.request_id], now, schedule):
+                    finished["done"].append(due.request_id)
+                    continue
+                since = None
+            elif problem == "not_found":
+                since = since or now
+                if now - since >= schedule.not_found_grace:
+                    finished["expired"].append(due.request_id)
+                    continue
+                delay = min(delay, max(1.0, schedule.not_found_grace / 4))  # ask a fresh id soon
+            elif problem == "gone":
+                finished["expired"].append(due.request_id)
+                continue
+            later.append((now + delay, since, account, due.request_id))
+        if later:
+            self._store.executemany(self._sql.reschedule, later)
+        for state, request_ids in finished.items():
+            self._finish(account, request_ids, state, now)
+        self._expire(account, now, schedule)
+
+    def _expire_old(self, account: str, schedule: Schedule) -> bool:
+        return self._expire(account, self._clock(), schedule)
+
+    def _oldest_pending(self, account: str) -> float | None:
+        row = self._store.execute(self._sql.oldest_pending, (account,)).fetchone()
+        return row[0] if row else None
+
+    # --- inside a transaction ---
+
+    def _apply(
+        self, account: str, updates: Mapping[str, Sequence[MessageUpdate]], now: float
+    ) -> dict[str, list[tuple[set[str], float | None]]]:
+        """Count, once each, the statuses (and the ones they imply) not seen before. Returns
+        every message of each request as (statuses reached, when delivered), after the updates.
+        Two reads and one write for any number of requests."""
+        ids = list(updates)
+        known: dict[str, dict[str, tuple[set[str], float | None]]] = {rid: {} for rid in ids}
+        for rid, msg_id, reached, delivered_at in self._store.execute(
+            self._sql.messages_of, (account, self._store.pack(ids))
+        ).fetchall():
+            known[rid][msg_id] = (set(reached.split(",")) - {""}, delivered_at)
+        starts: dict[str, float] | None = None
+        rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+        v = self._v
+        for rid in ids:
+            messages = known[rid]
+            for update in updates[rid]:
+                msg_id = _storable(update.msg_id)
+                status = v.status(update.status)
+                seen = msg_id in messages
+                reached, delivered_at = messages.get(msg_id, (set(), None))
+                new = [s for s in (status, *v.implies.get(status, ())) if s not in reached]
+                labels = (
+                    _bounded(update.conversation_type, v.conversation_types),
+                    _bounded(update.message_type, v.message_types),
+                )
+                at = update.at if update.at is not None else now
+                for reached_status in new:
+                    self._counted.messages[account, reached_status, *labels] += 1
+                    if reached_status in v.timed and reached_status == status:
+                        if starts is None:
+                            starts = self._starts(account, ids)
+                        self._observe(account, reached_status, max(0.0, at - starts.get(rid, now)))
+                if status == "delivered" and delivered_at is None:
+                    delivered_at = at
+                reached = reached | set(new)
+                messages[msg_id] = (reached, delivered_at)
+                current = status if status != "unknown" or not seen else v.latest(reached)
+                rows[rid, msg_id] = (
+                    account,
+                    rid,
+                    msg_id,
+                    current,
+                    ",".join(sorted(reached)),
+                    delivered_at,
+                )
+        if rows:
+            self._store.executemany(self._sql.upsert_message, list(rows.values()))
+        return {rid: list(known[rid].values()) for rid in ids}
+
+    def _starts(self, account: str, ids: Sequence[str]) -> dict[str, float]:
+        """When each request was sent, or else handed in: where its delivery time starts."""
+        rows = self._store.execute(self._sql.starts, (account, self._store.pack(ids))).fetchall()
+        return {rid: sent if sent is not None else accepted for rid, accepted, sent in rows}
+
+    def _observe(self, account: str, status: str, seconds: float) -> None:
+        bucket = bisect.bisect_left(BUCKETS, seconds)
+        self._counted.observed[account, status, bucket] += 1
+        self._counted.seconds[account, status, bucket] += seconds
+
+    def _settled(
+        self, messages: list[tuple[set[str], float | None]], now: float, schedule: Schedule
+    ) -> bool:
+        """Done when every message is final, or delivered and `final_after` has passed."""
+        waiting_for_read = [d for reached, d in messages if not (reached & self._v.final)]
+        return bool(messages) and all(
+            d is not None and now - d >= schedule.final_after for d in waiting_for_read
+        )
+
+    def _finish(self, account: str, request_ids: list[str], state: str, now: float) -> None:
+        if not request_ids:
+            return
+        changed = self._store.execute(
+            self._sql.finish, (state, now, account, self._store.pack(request_ids))
+        ).rowcount
+        self._counted.states[account, "pending"] -= changed
+        self._counted.states[account, state] += changed
+
+    def _expire(self, account: str, now: float, schedule: Schedule) -> bool:
+        expired = self._store.execute(
+            self._sql.expire, (now, account, now - schedule.expire_after)
+        ).rowcount
+        pruned = self._store.execute(
+            self._sql.prune, (account, now - schedule.keep_finished)
+        ).fetchall()
+        if pruned:
+            self._store.execute(
+                self._sql.prune_messages, (account, self._store.pack([rid for rid, _ in pruned]))
+            )
+        self._counted.states[account, "pending"] -= expired
+        self._counted.states[account, "expired"] += expired
+        for _, state in pruned:
+            self._counted.states[account, state] -= 1
+        return bool(expired or pruned)
+
+    # --- counts ---
+
+    def _load_totals(self) -> dict[str, Totals]:
+        """The totals as the tables hold them."""
+        counted = _Counted()
+        with self._reading():
+            for account, status, conversation, kind, count in self._store.execute(
+                self._sql.message_counts
+            ).fetchall():
+                counted.messages[account, status, conversation, kind] = count
+            for account, status, bucket, count, total in self._store.execute(
+                self._sql.delivery_seconds
+            ).fetchall():
+                counted.observed[account, status, bucket] = count
+                counted.seconds[account, status, bucket] = total
+            for account, state, count in self._store.execute(self._sql.state_counts).fetchall():
+                counted.states[account, state] = count
+        totals: dict[str, Totals] = {}
+        _add_counts(totals, counted)
+        return totals
+
+    def _save(self, counted: _Counted) -> None:
+        """A transaction's counts, into the tables, in that transaction."""
+        if counted.messages:
+            self._store.executemany(
+                self._sql.add_message_counts,
+                [(*key, count) for key, count in counted.messages.items()],
+            )
+        if counted.observed:
+            self._store.executemany(
+                self._sql.add_delivery_seconds,
+                [(*key, n, counted.seconds[key]) for key, n in counted.observed.items()],
+            )
+        moved = [(*key, change) for key, change in counted.states.items() if change]
+        if moved:
+            self._store.count_states(moved)
+
+    def _publish(self, counted: _Counted) -> None:
+        """New totals, copied where this commit changed them: the old ones may be in a
+        reader's hands."""
+        totals = dict(self._totals)
+        for account in counted.accounts():
+            totals[account] = totals[account].copy() if account in totals else Totals()
+        _add_counts(totals, counted)
+        self._totals = totals
+
+    def _refresh(self) -> None:
+        """Other replicas' writes: a shared ledger's counts are read back, and the listeners
+        told when they moved."""
+        self._refreshed = time.monotonic()
+        try:
+            fresh = self._load_totals()
+        except LedgerError as exc:
+            if not self._failing:
+                log.warning(
+                    f"{self._v.title} ledger's counts cannot be read; showing the last ones read",
+                    extra={"fields": {"error": str(exc)}},
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.info(f"{self._v.title} ledger's counts can be read again")
+            self._failing = False
+        if fresh != self._totals:
+            self._totals = fresh
+            self._changed()
+
+    def _transaction(
+        self, accounts: Sequence[str] | None, *, failure: str | None = None
+    ) -> _Transaction:
+        """A write transaction for these accounts' statuses, or (None) for the whole ledger."""
+        return _Transaction(self, accounts, failure or f"cannot write {self._v.title} ledger")
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except self._store.errors as exc:
+            raise LedgerError(
+                f"cannot read {self._v.title} ledger: {self._store.reason(exc)}"
+            ) from None
+
+
+class _Statements:
+    """Every statement, with the provider's table names, written once."""
+
+    def __init__(self, names: Names, store: Store):
+        def sql(text: str) -> str:
+            return names.sql(text.replace("<in>", store.in_list))
+
+        self.insert_request = sql(
+            "INSERT INTO {p}requests (account, request_id, accepted_at, next_poll_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        )
+        self.set_sent_at = sql(
+            "UPDATE {p}requests SET sent_at = COALESCE(sent_at, ?)"
+            " WHERE account = ? AND request_id = ?"
+        )
+        self.due = sql(
+            "SELECT request_id, accepted_at, attempts, not_found_since FROM {p}requests"
+            " WHERE account = ? AND state = 'pending' AND next_poll_at <= ?"
+            " ORDER BY next_poll_at LIMIT ?"
+        )
+        self.oldest_pending = sql(
+            "SELECT MIN(accepted_at) FROM {p}requests WHERE account = ? AND state = 'pending'"
+        )
+        self.messages_of = sql(
+            "SELECT request_id, msg_id, reached, delivered_at FROM {p}messages"
+            " WHERE account = ? AND request_id <in>"
+        )
+        self.starts = sql(
+            "SELECT request_id, accepted_at, sent_at FROM {p}requests"
+            " WHERE account = ? AND request_id <in>"
+        )
+        self.upsert_message = sql(
+            "INSERT INTO {p}messages VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (account, request_id, msg_id) DO UPDATE SET"
+            " status = excluded.status, reached = excluded.reached,"
+            " delivered_at = excluded.delivered_at"
+        )
+        self.reschedule = sql(
+            "UPDATE {p}requests SET attempts = attempts + 1, next_poll_at = ?, not_found_since = ?"
+            " WHERE account = ? AND request_id = ? AND finished_at IS NULL"
+        )
+        # "not finished yet", not "state = 'pending'": that would tempt PostgreSQL's planner,
+        # until it has statistics, to scan the index of every pending id instead of the key
+        self.finish = sql(
+            "UPDATE {p}requests SET state = ?, finished_at = ? WHERE account = ?"
+            " AND request_id <in> AND finished_at IS NULL"
+        )
+        self.expire = sql(
+            "UPDATE {p}requests SET state = 'expired', finished_at = ? WHERE account = ?"
+            " AND state = 'pending' AND accepted_at < ?"
+        )
+        self.prune = sql(
+            "DELETE FROM {p}requests WHERE account = ? AND state != 'pending' AND finished_at < ?"
+            " RETURNING request_id, state"
+        )
+        self.prune_messages = sql("DELETE FROM {p}messages WHERE account = ? AND request_id <in>")
+        self.message_counts = sql(
+            "SELECT account, status, conversation_type, message_type, count FROM {p}message_counts"
+        )
+        self.delivery_seconds = sql(
+            "SELECT account, status, bucket, count, sum FROM {p}delivery_seconds"
+        )
+        self.state_counts = sql(store.state_counts)
+        self.add_message_counts = sql(
+            "INSERT INTO {p}message_counts VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+            " (account, status, conversation_type, message_type)"
+            " DO UPDATE SET count = {p}message_counts.count + excluded.count"
+        )
+        self.add_delivery_seconds = sql(
+            "INSERT INTO {p}delivery_seconds VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+            " (account, status, bucket) DO UPDATE SET"
+            " count = {p}delivery_seconds.count + excluded.count,"
+            " sum = {p}delivery_seconds.sum + excluded.sum"
+        )
+
+
+def _merged(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs in order, those with the same merge key together (at the first one's place)."""
+    groups: list[list[_Job]] = []
+    by_key: dict[Hashable, list[_Job]] = {}
+    for job in jobs:
+        if job.merge is None:
+            groups.append([job])
+        elif job.merge in by_key:
+            by_key[job.merge].append(job)
+        else:
+            by_key[job.merge] = [job]
+            groups.append(by_key[job.merge])
+    return groups
+
+
+def _arguments(group: list[_Job]) -> tuple[Any, ...]:
+    return group[0].args if group[0].merge is None else tuple(job.args for job in group)
+
+
+def _accounts(jobs: list[_Job]) -> list[str]:
+    return sorted({account for job in jobs for account in job.accounts or ()})
+
+
+def _add_counts(totals: dict[str, Totals], counted: _Counted) -> None:
+    for (account, *key), count in counted.messages.items():
+        messages = totals.setdefault(account, Totals()).messages
+        messages[tuple(key)] = messages.get(tuple(key), 0) + count
+    for (account, status, bucket), count in counted.observed.items():
+        t = totals.setdefault(account, Totals())
+        t.buckets.setdefault(status, [0] * (len(BUCKETS) + 1))[bucket] += count
+        t.sums[status] = t.sums.get(status, 0.0) + counted.seconds[account, status, bucket]
+    for (account, state), change in counted.states.items():
+        states = totals.setdefault(account, Totals()).states
+        states[state] = states.get(state, 0) + change
+
+
+class _Transaction:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception: nothing is half written. What it counted
+    is written just before COMMIT and published just after it, never after a ROLLBACK."""
+
+    def __init__(self, ledger: Ledger, accounts: Sequence[str] | None, failure: str):
+        self._ledger = ledger
+        self._store = ledger._store
+        self._accounts = accounts
+        self._failure = failure
+
+    def __enter__(self) -> None:
+        try:
+            self._store.begin(self._accounts)
+        except self._store.errors as exc:
+            raise self._error(exc) from None
+        self._ledger._counted = _Counted()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        counted, self._ledger._counted = self._ledger._counted, _Counted()
+        errors = self._store.errors
+        try:
+            if kind is None:
+                try:
+                    self._ledger._save(counted)
+                    self._store.commit()
+                except errors:
+                    with contextlib.suppress(*errors):
+                        self._store.rollback()
+                    raise
+                self._ledger._publish(counted)
+                return
+            self._store.rollback()
+        except errors as error:
+            exc = error
+        if isinstance(exc, errors):
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> LedgerError:
+        return LedgerError(f"{self._failure}: {self._store.reason(exc)}")

@@ -1,0 +1,234 @@
+"""The delivery-tracking room itself, with a vocabulary of its own: what any provider that
+reports message statuses gets from it (the D7 rules are in test_ledger_backends.py).
+
+Its promises here: a reader (the event loop) never waits for a transaction; calls queued while the
+writer is busy share one transaction and one COMMIT; a poll cycle is a few statements whatever its
+size; taking ids in never waits for another replica's poll cycle; and two providers' ledgers share
+one PostgreSQL database without touching each other's rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from exporter.tracking import (
+    Ledger,
+    MessageUpdate,
+    Names,
+    Schedule,
+    Vocabulary,
+    open_ledger,
+)
+from exporter.tracking.stores import SQLiteStore
+from tests.postgres import (  # noqa: F401 - fixtures
+    ledger_location_fixture,
+    postgres_server_fixture,
+    postgres_url_fixture,
+)
+
+CHAT = Vocabulary(
+    title="the chat",
+    statuses=("sent", "delivered", "read", "failed"),
+    final=frozenset({"read", "failed"}),
+    implies={"read": ("delivered", "sent"), "delivered": ("sent",)},
+    conversation_types=frozenset({"marketing", "utility"}),
+    message_types=frozenset(),
+    names=Names.of("chat"),
+)
+SCHEDULE = Schedule(first=1, max=10, not_found_grace=5, final_after=100, expire_after=1000)
+
+
+def update(msg_id: str, status: str) -> MessageUpdate:
+    return MessageUpdate(msg_id, status, "marketing", "")
+
+
+def hold_inside_a_transaction(ledger: Ledger, account: str = "a") -> tuple[threading.Event, Future]:
+    """A poll cycle whose answers are still coming: the writer sits in its transaction, holding
+    the account's lock, until the returned event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def answers():
+        inside.set()
+        release.wait(30)
+        yield from ()
+
+    cycle = ledger.record(account, answers(), SCHEDULE)
+    assert inside.wait(10), "the cycle never started"
+    return release, cycle
+
+
+def test_readers_never_wait_for_a_transaction(ledger_location):
+    ledger = open_ledger(ledger_location, vocabulary=CHAT)
+    ledger.report("a", [("r1", update("m1", "read"), None)], SCHEDULE).result()
+    release, cycle = hold_inside_a_transaction(ledger)
+    try:
+        started = time.perf_counter()
+        for _ in range(100):
+            totals, pending = ledger.totals(), ledger.pending_count("a")
+        took = time.perf_counter() - started
+        assert totals["a"].messages[("read", "marketing", "unknown")] == 1 and pending == 1
+        assert took < 0.5, f"100 reads took {took:.3f}s while a transaction was open"
+        waiting = ledger.report("a", [("r2", update("m2", "sent"), None)], SCHEDULE)
+        time.sleep(0.2)
+        assert not waiting.done(), "a write was acknowledged before its transaction committed"
+    finally:
+        release.set()
+    cycle.result(10)
+    waiting.result(10)
+    assert ledger.pending_count("a") == 2
+    ledger.close()
+
+
+class CountingStore(SQLiteStore):
+    """Counts what reaches the database: transactions begun, statements sent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.begun = self.statements_sent = 0
+
+    def begin(self, accounts):
+        self.begun += 1
+        super().begin(accounts)
+
+    def execute(self, sql, params=()):
+        self.statements_sent += 1
+        return super().execute(sql, params)
+
+    def executemany(self, sql, rows):
+        self.statements_sent += 1  # one statement, however many rows
+        return super().executemany(sql, rows)
+
+
+def test_calls_queued_while_the_writer_is_busy_share_one_commit(tmp_path):
+    store = CountingStore(tmp_path / "l.db", CHAT.names)
+    ledger = Ledger(store, vocabulary=CHAT)
+    release, cycle = hold_inside_a_transaction(ledger)
+    begun = store.begun
+    callbacks = [
+        ledger.report("a", [(f"r{i}", update(f"m{i}", "delivered"), None)], SCHEDULE)
+        for i in range(200)
+    ]
+    hand_ins = [ledger.add("b", [f"x{i}", f"x{i + 1}"], SCHEDULE) for i in range(0, 100, 2)]
+    release.set()
+    cycle.result(10)
+    assert [f.result(10) for f in hand_ins] == [2] * 50
+    assert all(f.result(10) is None for f in callbacks)
+    assert store.begun - begun <= 2, f"{store.begun - begun} transactions for 250 queued calls"
+    totals = ledger.totals()
+    assert totals["a"].messages == {
+        ("delivered", "marketing", "unknown"): 200,
+        ("sent", "marketing", "unknown"): 200,
+    }
+    assert totals["a"].states["pending"] == 200 and totals["b"].states["pending"] == 100
+    ledger.close()
+
+
+def test_a_failing_call_fails_alone(tmp_path):
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    release, cycle = hold_inside_a_transaction(ledger)
+
+    class Unreadable:
+        def __str__(self):
+            raise ValueError("no status")
+
+    good = ledger.report("a", [("r1", update("m1", "sent"), None)], SCHEDULE)
+    bad = ledger.report("b", [("r2", MessageUpdate("m2", Unreadable()), None)], SCHEDULE)
+    release.set()
+    cycle.result(10)
+    good.result(10)
+    with pytest.raises(ValueError, match="no status"):
+        bad.result(10)
+    assert ledger.totals()["a"].messages == {("sent", "marketing", "unknown"): 1}
+    assert "b" not in ledger.totals()
+    ledger.close()
+
+
+def test_a_poll_cycle_is_a_few_statements_whatever_its_size(tmp_path):
+    """Each statement is a round trip to PostgreSQL: a cycle of 270 ids used to be 270 of them
+    and more, 27 s with the database 100 ms away."""
+    sent = {}
+    for size in (10, 300):
+        store = CountingStore(tmp_path / f"{size}.db", CHAT.names)
+        clock = [1000.0]
+        ledger = Ledger(store, vocabulary=CHAT, clock=lambda c=clock: c[0])
+        ledger.add("a", [f"r{i}" for i in range(size)], SCHEDULE).result()
+        clock[0] += 60
+        due = ledger.due("a", size).result()
+        assert len(due) == size
+        answers = []
+        for i, d in enumerate(due):  # a mix: read, delivered, still unknown, gone
+            kind = i % 4
+            if kind == 0:  # every message final: done
+                answers.append((d, [update(f"m{i}", "read"), update(f"n{i}", "read")], None))
+            elif kind == 1:  # asked again later
+                answers.append((d, [update(f"m{i}", "delivered"), update(f"n{i}", "sent")], None))
+            else:
+                answers.append((d, None, "not_found" if kind == 2 else "gone"))
+        before = store.statements_sent
+        ledger.record("a", answers, SCHEDULE).result()
+        sent[size] = store.statements_sent - before
+        states = ledger.totals()["a"].states
+        assert states["done"] == (size + 3) // 4 and states["expired"] == size // 4
+        ledger.close()
+    assert sent[10] == sent[300] and sent[300] <= 16, sent
+
+
+def test_a_hand_in_does_not_wait_for_another_replicas_poll_cycle(postgres_url):
+    leader = open_ledger(postgres_url, vocabulary=CHAT)
+    follower = open_ledger(postgres_url, vocabulary=CHAT)
+    release, cycle = hold_inside_a_transaction(leader)
+    try:
+        started = time.monotonic()
+        assert follower.add("a", ["r1", "r2"], SCHEDULE).result(10) == 2
+        assert time.monotonic() - started < 2, "a hand-in waited for the leader's cycle"
+        # a status changes what the cycle may be counting: that one waits for its lock
+        status = follower.report("a", [("r1", update("m1", "sent"), None)], SCHEDULE)
+        time.sleep(0.3)
+        assert not status.done()
+    finally:
+        release.set()
+    cycle.result(10)
+    status.result(10)
+    follower.close()
+    time.sleep(1.5)  # the leader reads the shared counts back every second
+    assert leader.pending_count("a") == 2
+    leader.close()
+
+
+def test_two_providers_share_one_database_without_touching_each_others_rows(ledger_location):
+    other = Vocabulary(**{**CHAT.__dict__, "title": "the other", "names": Names.of("other")})
+    chat = open_ledger(ledger_location, vocabulary=CHAT)
+    second = open_ledger(ledger_location, vocabulary=other)
+    chat.report("a", [("r1", update("m1", "read"), None)], SCHEDULE).result()
+    second.add("a", ["r1", "r2"], SCHEDULE).result()
+    assert second.add("a", ["r1"], SCHEDULE).result() == 0
+    chat.close()
+    second.close()
+    later = {"clock": lambda: time.time() + 60}
+    chat = open_ledger(ledger_location, vocabulary=CHAT, **later)
+    second = open_ledger(ledger_location, vocabulary=other, **later)
+    assert chat.totals()["a"].states["pending"] == 1 and len(chat.totals()["a"].messages) == 3
+    assert second.totals()["a"].states["pending"] == 2 and second.totals()["a"].messages == {}
+    assert [d.request_id for d in chat.due("a", 10).result()] == ["r1"]
+    assert sorted(d.request_id for d in second.due("a", 10).result()) == ["r1", "r2"]
+    chat.close()
+    second.close()
+
+
+def test_a_closed_ledger_still_commits_what_was_queued(tmp_path):
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    release, _ = hold_inside_a_transaction(ledger)
+    queued = ledger.add("a", ["r1"], SCHEDULE)
+    closing = threading.Thread(target=ledger.close)
+    closing.start()
+    time.sleep(0.1)
+    release.set()
+    closing.join(10)
+    assert queued.result(1) == 1
+    reopened = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    assert reopened.pending_count("a") == 1
+    reopened.close()
