@@ -1,8 +1,11 @@
-"""Wires config, provider states, scheduler, snapshot and web together; owns reload and shutdown.
+"""Wires config, provider states, scheduler, snapshot, serving and web together; owns reload,
+publication and shutdown.
 
 Everything here runs on one event loop, the only writer of exporter state. Threads (SQLite writes,
 big joins) hand their results back to it; a provider whose state changed in a thread says so
-through `call_soon_threadsafe` (docs/architecture.md, "One owner of mutable state").
+through `call_soon_threadsafe`, which only marks its families outdated for the next publication
+(docs/architecture.md, "One owner of mutable state"). A reload publishes before it answers (and
+logs), so whoever checks /metrics next sees its result.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import signal
@@ -24,16 +28,18 @@ from typing import Any
 from prometheus_client import ProcessCollector
 
 from exporter import build as builds
-from exporter.cluster import Election, LockSession, Shard
+from exporter.cluster import Election, LockSession
 from exporter.config import Config, ConfigError, redacted
 from exporter.metrics import Family, Sample
+from exporter.options import Options
 from exporter.providers import PROVIDERS
 from exporter.providers.base import Provider, ProviderState, ProviderStateError, StateContext
 from exporter.routing import Route
 from exporter.scheduler import Scheduler
+from exporter.serving import Scrapes
 from exporter.snapshot import Snapshot
 from exporter.status import Budget, Status
-from exporter.web import Security, WebServer
+from exporter.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,6 @@ PUBLISH_DELAY = (0.05, 1.0)
 # The exporter's own metrics (HTTP requests, process) change on every scrape; they are refreshed
 # this often rather than on each, so a scrape never makes the next scrape join a new exposition.
 SELF_EVERY = 10.0
-DEFAULT_STORAGE = "data"
 GC_YOUNG = 10_000  # allocations between two young collections (Python's default: 700)
 
 
@@ -72,43 +77,18 @@ class Exporter:
     def __init__(
         self,
         load: Callable[[], Config],
-        listen_address: str,
+        options: Options,
         *,
-        storage_path: str = DEFAULT_STORAGE,
-        strict: bool = False,
         providers: Mapping[str, Provider] = PROVIDERS,
-        lifecycle: bool = False,
-        ingest_address: str | None = None,
-        security: Callable[[], Security] | None = None,
-        tls: Callable[[], Any] | None = None,
-        ingest_tls: Callable[[], Any] | None = None,
         build: builds.Build | None = None,
-        storage_url: str | None = None,
-        storage_password: str | None = None,
-        shard: Shard | None = None,
-        lease: float = 15.0,
-        own_process: bool = False,
     ):
         self._load = load
-        # the exporter is the whole process (the command line, not a test or the demo's
-        # thread): it may tune the process's garbage collector
-        self._own_process = own_process
-        self._listen = listen_address
-        self._storage_path = storage_path
-        self._strict = strict
+        self.options = options
         self._providers = providers
-        self._lifecycle = lifecycle
-        self._ingest_address = ingest_address
-        self._security = security
-        self._tls = tls
-        self._ingest_tls = ingest_tls
         self.build = build or builds.current()
-        self._storage_url = storage_url
-        self._storage_password = storage_password
-        self.shard = shard or Shard(0, 1)
-        self._lease = lease
+        self.shard = options.shard
         # without a shared database there is no one to elect: this process leads
-        self.leader = storage_url is None
+        self.leader = options.storage_url is None
         self._election: Election | None = None
         self._config: Config | None = None
         self.states: dict[str, ProviderState] = {}
@@ -116,6 +96,7 @@ class Exporter:
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self.snapshot = Snapshot(self.build.version, build_labels=self.build.labels())
+        self.scrapes = Scrapes(lambda: self.snapshot.exposition)
         self._publish_cost = 0.0
         self._publications = 0
         self._ready_generation: int | None = None
@@ -135,20 +116,24 @@ class Exporter:
         self._config = config
         # provider states open before anything listens: a bad --storage.path stops the start
         self._open_states()
+        options = self.options
         self.scheduler = Scheduler(
-            self.snapshot, self._providers, states=self.states, strict=self._strict
+            self.snapshot, self._providers, states=self.states, strict=options.strict
         )
+        guard = options.guard
         self.web = WebServer(
-            self._listen,
-            self.snapshot,
+            options.listen_address,
+            self.scrapes,
             ready=self._ready,
             reload=self.reload,
             routes=self._routes,
-            lifecycle=self._lifecycle,
-            ingest_address=self._ingest_address,
-            **({"security": self._security} if self._security else {}),
-            **({"tls": self._tls} if self._tls else {}),
-            **({"ingest_tls": self._ingest_tls} if self._ingest_tls else {}),
+            lifecycle=options.lifecycle,
+            ingest_address=options.ingest_address,
+            **(
+                {"security": guard.security, "tls": guard.tls, "ingest_tls": guard.ingest_tls}
+                if guard
+                else {}
+            ),
             status=self._status,
             config_view=lambda: redacted(self._config) if self._config else "",
         )
@@ -156,17 +141,16 @@ class Exporter:
         own = asyncio.create_task(self._own_metrics_forever())
         tasks = [publisher, own]
         self.snapshot.set_extra("~leader", [self._leader_family()])
-        if self._storage_url is not None:
+        if options.storage_url is not None:
+            url = options.storage_url
             self._election = Election(
                 self.shard,
-                lambda: LockSession.open(
-                    self._storage_url, self._storage_password, self._lease / 3
-                ),
-                lease=self._lease,
+                lambda: LockSession.open(url, options.storage_password, options.lease / 3),
+                lease=options.lease,
                 on_change=self._leadership,
             )
             tasks.append(asyncio.create_task(self._election.run()))
-        if self._own_process:
+        if options.own_process:
             _settle()
         try:
             await self.scheduler.apply(self._polled(config))
@@ -176,11 +160,11 @@ class Exporter:
                 "listening",
                 extra={
                     "fields": {
-                        "address": self._listen,
+                        "address": options.listen_address,
                         "port": self.port,
                         **(
                             {"ingest_port": self.web.port_of("ingest")}
-                            if self._ingest_address
+                            if options.ingest_address
                             else {}
                         ),
                         "version": self.build.version,
@@ -236,12 +220,15 @@ class Exporter:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def reload(self) -> tuple[bool, str]:
+        """Answered (and logged) once its result is on /metrics: automation checks
+        `whatsapp_exporter_config_last_reload_successful` right after, as with Prometheus."""
         assert self._reload_lock is not None and self.scheduler is not None
         async with self._reload_lock:
             try:
                 config = self._load()
             except ConfigError as exc:
                 self.snapshot.reload_result(False)
+                self._publish_now()
                 for error in exc.errors:
                     log.error(
                         "reload failed, keeping the running config",
@@ -251,13 +238,14 @@ class Exporter:
             self._config = config
             await self.scheduler.apply(self._polled(config))
             self.snapshot.reload_result(True)
+            self._publish_now()
             log.info("config reloaded", extra={"fields": {"accounts": len(config.accounts())}})
             return True, "Reloaded."
 
     # --- provider states ---
 
     def _open_states(self) -> None:
-        storage = Path(self._storage_path)
+        storage = Path(self.options.storage_path)
         legacy = storage.suffix == ".db" or storage.is_file()
         if legacy:
             log.warning(
@@ -272,11 +260,11 @@ class Exporter:
                 storage_path=str(storage if legacy else storage / f"{name}.db"),
                 accounts=lambda name=name: self._accounts(name),
                 changed=lambda name=name: self._state_changed_from_any_thread(name),
-                storage_url=self._storage_url,
-                storage_password=self._storage_password,
+                storage_url=self.options.storage_url,
+                storage_password=self.options.storage_password,
             )
             self.states[name] = provider.open_state(context)
-            self._refresh_state(name)
+            self.snapshot.follow(name, functools.partial(self._state_families, name))
 
     def _accounts(self, provider: str) -> dict[str, Any]:
         config = self._config
@@ -286,18 +274,20 @@ class Exporter:
         return [route for state in self.states.values() for route in state.routes()]
 
     def _state_changed_from_any_thread(self, name: str) -> None:
+        """Only marks the state's families outdated: they are rendered once, at the next
+        publication, however many changes come before it."""
         assert self._loop is not None
         if _on_loop(self._loop):
-            self._refresh_state(name)
+            self.snapshot.outdated(name)
         else:
-            self._loop.call_soon_threadsafe(self._refresh_state, name)
+            self._loop.call_soon_threadsafe(self.snapshot.outdated, name)
 
-    def _refresh_state(self, name: str) -> None:
-        """Counters kept by a provider itself: shown as soon as they change, never stale, and
-        only by the replica that leads their accounts' shard (they come from the shared ledger,
-        so they continue where the previous leader left them)."""
+    def _state_families(self, name: str) -> list[Family]:
+        """Counters kept by a provider itself: shown from the publication after they change,
+        never stale, and only by the replica that leads their accounts' shard (they come from
+        the shared ledger, so they continue where the previous leader left them)."""
         families = self.states[name].families() if self.leader else []
-        self.snapshot.set_extra(name, [self._owned(f) for f in families])
+        return [self._owned(f) for f in families]
 
     def _owned(self, family: Family) -> Family:
         if self.shard.count == 1:
@@ -335,7 +325,7 @@ class Exporter:
             if self._config is not None:
                 await self.scheduler.apply(self._polled(self._config))
         for name in self.states:
-            self._refresh_state(name)
+            self.snapshot.outdated(name)
         self.snapshot.set_extra("~leader", [self._leader_family()])
 
     def _leader_family(self) -> Family:
@@ -352,17 +342,26 @@ class Exporter:
     async def _publish_forever(self) -> None:
         """Coalesced: publish on the first change, then wait in proportion to what that cost."""
         low, high = PUBLISH_DELAY
-        settled = not self._own_process
+        settled = not self.options.own_process
         while True:
             await self.snapshot.changed()
             if not settled and self.scheduler is not None and self.scheduler.ready:
                 settled = True
                 _settle()
-            started = time.perf_counter()
-            self.snapshot.publish()
-            self._publish_cost = time.perf_counter() - started
-            self._publications += 1
+            self._publish()
             await asyncio.sleep(min(high, max(low, PUBLISH_COST_FACTOR * self._publish_cost)))
+
+    def _publish(self) -> None:
+        started = time.perf_counter()
+        if self.snapshot.publish():
+            self._publications += 1
+        self._publish_cost = time.perf_counter() - started
+
+    def _publish_now(self) -> None:
+        """Out of turn, for an answer that promises what /metrics shows: every later scrape,
+        gzip ones too, sees this version or a newer one."""
+        self._publish()
+        self.scrapes.show_from(self.snapshot.exposition.generation)
 
     async def _own_metrics_forever(self) -> None:
         process = ProcessCollector(registry=None)
@@ -404,7 +403,7 @@ class Exporter:
                 "whatsapp_exporter_exposition_bytes",
                 "gauge",
                 "Size of the newest uncompressed /metrics body served.",
-                (Sample((), float(self.web.exposition_bytes)),),
+                (Sample((), float(self.scrapes.exposition_bytes)),),
             ),
             *self._pacing_families(),
             *(_family(metric) for metric in process.collect()),

@@ -6,10 +6,13 @@ import argparse
 import functools
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 
 from exporter import build, logs
 from exporter.cluster import Shard, ShardError
-from exporter.config import ConfigError, load_config, parse_duration, read_secret_file
+from exporter.config import Config, ConfigError, load_config, parse_duration, read_secret_file
+from exporter.options import DEFAULT_STORAGE, Guard, Options
 from exporter.providers import ACCOUNT_MODELS
 from exporter.web import DEFAULT_PORT, ListenAddressError, parse_listen_address
 
@@ -123,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         from exporter import demo  # noqa: PLC0415 - the simulators load only when asked for
 
         return demo.run(args.listen_address, args.storage_path)
-    storage_path = args.storage_path or "data"
-
     load = functools.partial(load_config, args.config_file, ACCOUNT_MODELS)
     try:
         config = load()
@@ -133,16 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return 2
-    cluster = _cluster(args)
-    if isinstance(cluster, str):
-        print(f"whatsapp-exporter: {cluster}", file=sys.stderr)
+    options = parse_options(args)
+    if isinstance(options, str):
+        print(f"whatsapp-exporter: {options}", file=sys.stderr)
         return 2
-    guard = None
     if args.web_config_file:
         from exporter.webconfig import WebConfigError, WebConfigWatcher, WebGuard  # noqa: PLC0415
 
         try:
             guard = WebGuard(WebConfigWatcher(args.web_config_file))
+            options = replace(options, guard=Guard(guard.current, guard.tls, guard.ingest_tls))
         except WebConfigError as exc:
             print(
                 f"{args.web_config_file}: invalid web config, {len(exc.errors)} error(s):",
@@ -154,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.config_check:
         print(f"{args.config_file}: OK, {len(config.accounts())} account(s)")
         return 0
-    return serve(load, config, args, storage_path, guard, cluster)
+    return serve(load, config, options)
 
 
-def _cluster(args: argparse.Namespace) -> dict | str:
-    """The clustering flags as Exporter options, or the message that says what is wrong."""
+def parse_options(args: argparse.Namespace) -> Options | str:
+    """The flags as the exporter's options (the web config aside: it has its own errors), or
+    the message that says what is wrong."""
     try:
         shard = Shard.parse(args.shard)
         lease = parse_duration(args.lease)
@@ -174,30 +176,23 @@ def _cluster(args: argparse.Namespace) -> dict | str:
             password = read_secret_file(args.storage_password_file).get_secret_value()
         except ValueError as exc:
             return f"--storage.password-file: {exc}"
-    return {
-        "storage_url": args.storage_url,
-        "storage_password": password,
-        "shard": shard,
-        "lease": lease,
-    }
+    return Options(
+        listen_address=args.listen_address,
+        ingest_address=args.ingest_address,
+        lifecycle=args.lifecycle,
+        storage_path=args.storage_path or DEFAULT_STORAGE,
+        storage_url=args.storage_url,
+        storage_password=password,
+        shard=shard,
+        lease=lease,
+        own_process=True,
+    )
 
 
-def serve(load, config, args: argparse.Namespace, storage_path: str, guard, cluster: dict) -> int:
+def serve(load: Callable[[], Config], config: Config, options: Options) -> int:
     from exporter.app import Exporter, run_until_stopped  # noqa: PLC0415 - keeps --config.check light
     from exporter.web import raise_open_files_limit  # noqa: PLC0415
 
     raise_open_files_limit()
-
-    exporter = Exporter(
-        load,
-        args.listen_address,
-        storage_path=storage_path,
-        lifecycle=args.lifecycle,
-        ingest_address=args.ingest_address,
-        security=guard.current if guard else None,
-        tls=guard.tls if guard else None,
-        ingest_tls=guard.ingest_tls if guard else None,
-        own_process=True,
-        **cluster,
-    )
-    return run_until_stopped(exporter.run(config), args.listen_address)
+    exporter = Exporter(load, options)
+    return run_until_stopped(exporter.run(config), options.listen_address)

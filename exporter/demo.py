@@ -15,6 +15,7 @@ import threading
 
 from exporter.app import Exporter, run_until_stopped
 from exporter.config import Config, parse_config
+from exporter.options import Options
 from exporter.providers import ACCOUNT_MODELS
 from simulators import KITS, Simulator
 
@@ -47,7 +48,7 @@ def run(listen_address: str, storage_path: str | None = None) -> int:
     # demo data is throwaway unless a --storage.path says otherwise
     # (a directory, as --storage.path is: each provider's state is a file in it)
     storage = storage_path or tempfile.mkdtemp(prefix="whatsapp-demo-")
-    exporter = Exporter(load, listen_address, storage_path=storage)
+    exporter = Exporter(load, Options(listen_address, storage_path=storage))
     print("Demo mode: polling the built-in simulators with this config:\n", file=sys.stderr)
     print(text, file=sys.stderr)
     for name, sim in sims.items():

@@ -1,13 +1,10 @@
-"""The HTTP surface: /metrics, the landing page, health, readiness, reload and providers' routes.
+"""The HTTP surface: listeners, routes, auth and connection limits.
 
 aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
-and no thread ever touches exporter state. /metrics hands out bytes that already exist: a big
-plain body is written from the chunks it is made of, never joined whole; a gzip body is made
-at most once per published exposition, and a gzip scrape that arrives while the newest one is
-still being compressed gets the previous one rather than waiting, if that one was the newest a
-moment ago (GZIP_STALE). Scrapers back to back get a new gzip after a rest (GZIP_REST), not one
-per version. A scraper at a steady interval (Prometheus) has its next body compressed just before
-it is due (Rhythm), so it finds it ready instead of waiting for a compression.
+and no thread ever touches exporter state. /metrics is answered by the serving room
+(exporter.serving: formats, gzip, streaming); this module routes to it, to the landing page,
+health, readiness, reload and providers' routes, and counts every answer by handler and code
+(the built-in handlers' usual codes from 0).
 
 Two listeners at most: the main one serves everything, behind the web config's TLS and basic
 auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
@@ -22,12 +19,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import re
 import resource
 import socket
 import ssl
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
@@ -36,7 +31,7 @@ from aiohttp import web
 
 from exporter import status as statuspage
 from exporter.routing import Request, Response, Route, json_response, text
-from exporter.snapshot import Exposition, Snapshot, Variant, batches
+from exporter.serving import Scrapes
 from exporter.status import Status
 
 log = logging.getLogger(__name__)
@@ -47,17 +42,6 @@ BACKLOG = 1024
 MAX_CONNECTIONS = 1024  # per listener at most; one more is answered 503 and closed
 FD_RESERVE = 256  # descriptors kept for everything else: providers' connections, the ledger
 TLS_HANDSHAKE_TIMEOUT = 10.0
-STREAM_OVER = 1 << 20  # bytes: a bigger plain /metrics body is written in batches
-STREAM_BATCH = 256 << 10  # bytes per write of a streamed body
-# after compressing a version for gzip scrapers, rest up to this many times as long before the
-# next: with scrapers back to back and a new version every 100 ms, gzip stays under ~20% of a core
-GZIP_REST = 4
-GZIP_STALE = 2.0  # seconds: the oldest gzip body served rather than waiting for the newest
-# A scraper whose last three gzip scrapes came this far apart or more, at a steady interval
-# (within RHYTHM_SLACK of it), has the next body compressed just before it is due.
-RHYTHM_MIN = 2 * GZIP_STALE
-RHYTHM_SLACK = 0.05
-RHYTHM_KEEP = 16  # scrapers followed at most (the most recent)
 HEADER_TIMEOUT = 30.0  # seconds to send a request's headers, and to stay idle between requests
 BODY_TIMEOUT = 10.0  # seconds to send a declared body
 
@@ -106,6 +90,15 @@ _BUILT_IN = {
     "/-/ready": "GET, HEAD",
     "/-/reload": "POST",
 }
+# what the built-in handlers answer in the normal run of things: counted from 0 (auth refusals,
+# 404s and providers' routes only once they happen)
+_USUAL = {
+    "/metrics": ("200",),
+    "/": ("200",),
+    "/config": ("200",),
+    "/-/healthy": ("200",),
+    "/-/ready": ("200", "503"),
+}
 
 
 class Security(Protocol):
@@ -127,7 +120,7 @@ class WebServer:
     def __init__(
         self,
         address: str,
-        snapshot: Snapshot,
+        scrapes: Scrapes,
         *,
         ready: Callable[[], bool],
         reload: Callable[[], Awaitable[tuple[bool, str]]],
@@ -148,7 +141,7 @@ class WebServer:
             parse_listen_address(
                 value, "--web.listen-address" if name == "main" else "--web.ingest-address"
             )
-        self._snapshot = snapshot
+        self._scrapes = scrapes
         self._ready = ready
         self._reload = reload
         self._routes = routes
@@ -159,16 +152,10 @@ class WebServer:
         self._ingest_tls = ingest_tls or tls
         self._status = status
         self._config_view = config_view
-        # per variant, the newest gzip body served: its generation, bytes, when it was the newest
-        self._latest: dict[Variant, tuple[int, bytes, float]] = {}
-        # no new gzip before then: compressing every version scrapers meet would take a core
-        self._rest_until: dict[Variant, float] = {}
-        self._zipping: dict[Variant, asyncio.Future[bytes]] = {}  # at most one gzip at a time
-        self._took: dict[Variant, float] = {}  # how long the newest compression took
-        self._rhythm = Rhythm()
-        self._ahead: dict[tuple[tuple[str, str], Variant], asyncio.TimerHandle] = {}  # per scraper
-        self.requests: dict[tuple[str, str], int] = {}  # (handler, code) -> count
-        self.exposition_bytes = 0
+        usual = {**_USUAL, **({"/-/reload": ("200", "500")} if lifecycle else {})}
+        self.requests: dict[tuple[str, str], int] = {  # (handler, code) -> count
+            (handler, code): 0 for handler, codes in usual.items() for code in codes
+        }
         self._runners: list[web.AppRunner] = []
         self._open: dict[str, int] = {}  # connections per listener, TLS handshakes included
         self._servers: list[asyncio.Server] = []
@@ -235,9 +222,7 @@ class WebServer:
         return counted
 
     async def stop(self) -> None:
-        for timer in self._ahead.values():
-            timer.cancel()
-        self._ahead.clear()
+        self._scrapes.stop()
         for server in self._servers:
             server.close()
         for runner in self._runners:
@@ -273,7 +258,7 @@ class WebServer:
         routes = self._routes()
         if not ingest_only:
             if path == "/metrics" and method in ("GET", "HEAD"):
-                return await self._metrics(request)
+                return await self._scrapes.answer(request)
             if method in ("GET", "HEAD"):
                 answer = await self._get(path, request.query.get("fragment") == "1")
                 if answer is not None:
@@ -329,161 +314,6 @@ class WebServer:
         if ingest_only:
             return text(404, "Not found. This port serves only the ingest API and webhooks.")
         return text(404, f"Not found: {_redacted(path)}. See / for what this exporter serves.")
-
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        variant = Variant(
-            openmetrics=_wants_openmetrics(request.headers.get("Accept", "")),
-            gzip=_accepts_gzip(request.headers.get("Accept-Encoding", "")),
-        )
-        exposition = self._snapshot.exposition
-        headers = {"Content-Type": variant.content_type, "Vary": "Accept, Accept-Encoding"}
-        steady = variant.gzip and self._follow(request, variant)
-        if not variant.gzip:
-            self.exposition_bytes = exposition.size(variant.openmetrics)
-            if self.exposition_bytes > STREAM_OVER:
-                pieces = exposition.pieces(variant.openmetrics)
-                return await _stream(request, pieces, self.exposition_bytes, headers)
-        body = exposition.ready(variant)
-        if body is None and exposition.cheap(variant):
-            body = exposition.body(variant)
-        if body is not None:
-            self._remember_body(exposition.generation, variant, body)
-        elif not variant.gzip:
-            body = await exposition.body_async(variant)
-        elif (previous := self._fallback(variant)) is not None:
-            # the newest gzip is on its way, or resting; until then the previous one, a moment older
-            body = previous
-            if (
-                not steady  # its next body is made before it comes: this one would be wasted
-                and variant not in self._zipping
-                and time.monotonic() >= self._rest_until.get(variant, 0.0)
-            ):
-                self._zip(exposition, variant)
-        else:
-            # nothing recent enough at hand: wait for the one on its way (its version was the
-            # newest when it started, a moment ago), or for this version's; one at a time, as
-            # ten scrapers that each started their own once took 1.3 s
-            work = self._zipping.get(variant) or self._zip(exposition, variant)
-            body = await asyncio.shield(work)
-        if variant.gzip:
-            headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
-
-    def _follow(self, request: web.Request, variant: Variant) -> bool:
-        """Note this gzip scrape; if its scraper comes at a steady interval (Prometheus does),
-        compress the newest version just before the next one is due, so that it finds a body
-        ready rather than waiting for a compression (100-300 ms at 100k series), for the same
-        work: one compression per scrape. True if the scraper is steady."""
-        scraper = (getattr(request, "remote", None) or "", request.headers.get("User-Agent", ""))
-        now = time.monotonic()
-        due, jitter, forgotten = self._rhythm.scraped(scraper, now)
-        for gone in forgotten:
-            for key in [k for k in self._ahead if k[0] == gone]:
-                self._ahead.pop(key).cancel()
-        key = (scraper, variant)
-        if (timer := self._ahead.pop(key, None)) is not None:
-            timer.cancel()
-        if due is None:
-            return False
-        # ahead by twice the newest compression's time and by how much the interval varied,
-        # but the body must still be recent enough to serve (GZIP_STALE) when the scrape comes
-        lead = min(2 * self._took.get(variant, 0.0) + 0.1 + jitter, GZIP_STALE / 2)
-        loop = asyncio.get_running_loop()
-        self._ahead[key] = loop.call_later(max(0.0, due - lead - now), self._ahead_of, key)
-        return True
-
-    def _ahead_of(self, key: tuple[tuple[str, str], Variant]) -> None:
-        self._ahead.pop(key, None)
-        variant = key[1]
-        exposition = self._snapshot.exposition
-        if variant in self._zipping or exposition.ready(variant) is not None:
-            return
-        self._zip(exposition, variant)
-
-    def _fallback(self, variant: Variant) -> bytes | None:
-        """The newest gzip body at hand, if it was the newest version less than GZIP_STALE ago:
-        a scraper every 15 s always gets a fresh one (it waits for it), scrapers back to back
-        share the work."""
-        latest = self._latest.get(variant)
-        if latest is None:
-            return None
-        _, body, newest_at = latest
-        return body if time.monotonic() - newest_at < GZIP_STALE else None
-
-    def _zip(self, exposition: Exposition, variant: Variant) -> asyncio.Future[bytes]:
-        work = self._zipping[variant] = asyncio.ensure_future(exposition.body_async(variant))
-        work.add_done_callback(
-            functools.partial(self._remember, exposition.generation, variant, time.monotonic())
-        )
-        return work
-
-    def _remember(
-        self, generation: int, variant: Variant, started: float, done: asyncio.Future[bytes]
-    ) -> None:
-        self._zipping.pop(variant, None)
-        finished = time.monotonic()
-        took = self._took[variant] = finished - started
-        # short enough that the next body is ready before this one is GZIP_STALE old: it is
-        # served until then, and was the newest at `started` at least
-        rest = max(0.0, min(GZIP_REST * took, GZIP_STALE - 2.5 * took))
-        self._rest_until[variant] = finished + rest
-        if not done.cancelled() and done.exception() is None:
-            newest = self._snapshot.exposition.generation == generation
-            self._remember_body(generation, variant, done.result(), finished if newest else started)
-
-    def _remember_body(
-        self, generation: int, variant: Variant, body: bytes, newest_at: float | None = None
-    ) -> None:
-        """Only gzip bodies are kept as a fallback: a plain body never waits (small ones are
-        joined at once, big ones streamed from the chunks). `newest_at`: a moment its version was
-        the newest (now, unless said)."""
-        if variant.gzip and generation >= self._latest.get(variant, (-1, b"", 0.0))[0]:
-            at = time.monotonic() if newest_at is None else newest_at
-            self._latest[variant] = (generation, body, at)
-
-
-class Rhythm:
-    """When each scraper is next due, if it scrapes at a steady interval of at least RHYTHM_MIN:
-    its last three scrapes, the two gaps within RHYTHM_SLACK of each other. Scrapers back to
-    back are left to the fallback and the rest. Keeps the RHYTHM_KEEP most recent scrapers."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], tuple[float, float]] = {}  # -> the last two scrapes
-
-    def scraped(
-        self, scraper: tuple[str, str], now: float
-    ) -> tuple[float | None, float, list[tuple[str, str]]]:
-        """When `scraper` is next due (None: not steady), by how much its last two gaps
-        differed, and the scrapers forgotten to make room for it."""
-        before, last = self._seen.pop(scraper, (math.nan, math.nan))
-        self._seen[scraper] = (last, now)  # the most recent last: dicts keep insertion order
-        forgotten = []
-        while len(self._seen) > RHYTHM_KEEP:
-            oldest = next(iter(self._seen))
-            del self._seen[oldest]
-            forgotten.append(oldest)
-        gap, previous = now - last, last - before
-        jitter = abs(gap - previous)
-        if gap >= RHYTHM_MIN and jitter <= RHYTHM_SLACK * previous:
-            return now + gap, jitter, forgotten
-        return None, jitter, forgotten
-
-
-async def _stream(
-    request: web.Request, pieces: list[bytes], size: int, headers: dict[str, str]
-) -> web.StreamResponse:
-    """A big plain body as the chunks it is made of, with its length up front, written in
-    batches of about STREAM_BATCH. Each connection then buffers at most about a batch of it,
-    where one write of the whole body would have the transport copy what the socket did not
-    take at once: ~10 MB per scraper."""
-    response = web.StreamResponse(headers=headers)
-    response.content_length = size
-    await response.prepare(request)
-    if request.method != "HEAD":
-        for batch in batches(pieces, STREAM_BATCH):
-            await response.write(batch)
-    await response.write_eof()
-    return response
 
 
 async def _read_body(request: web.Request) -> bytes | Response:
@@ -582,22 +412,3 @@ def _handler_label(path: str, routes: Sequence[Route]) -> str:
 def _web(response: Response) -> web.Response:
     headers = {"Content-Type": response.content_type, **dict(response.headers)}
     return web.Response(status=response.status, body=response.body, headers=headers)
-
-
-def _accepts_gzip(header: str) -> bool:
-    for part in header.split(","):
-        coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "*"):
-            q = re.search(r"q\s*=\s*([0-9.]+)", params)
-            return not q or float(q[1]) > 0
-    return False
-
-
-def _wants_openmetrics(header: str) -> bool:
-    """OpenMetrics when the scraper lists it (Prometheus does, first) with a q above 0."""
-    for part in header.split(","):
-        kind, _, params = part.strip().partition(";")
-        if kind.strip().lower() == "application/openmetrics-text":
-            q = re.search(r"q\s*=\s*([0-9.]+)", params)
-            return not q or float(q[1]) > 0
-    return False

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.config import Config, load_config, parse_config
-from exporter.providers import ACCOUNT_MODELS
+from exporter.options import Options
+from exporter.providers import ACCOUNT_MODELS, PROVIDERS
+from exporter.providers.base import Provider
 from simulators import KITS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,7 @@ def run_exporter(
     env: dict[str, str] | None = None,
     strict: bool = True,
     storage: Path | None = None,
+    providers: Mapping[str, Provider] = PROVIDERS,
     **options: object,
 ) -> Iterator[Running]:
     """Run the exporter against YAML text (or a file, which then also serves reloads)."""
@@ -136,7 +139,11 @@ def run_exporter(
 
     storage = storage or Path(tempfile.mkdtemp(prefix="storage-"))
     options = {"lifecycle": True, **options}  # tests reload through POST /-/reload
-    exporter = Exporter(load, "127.0.0.1:0", storage_path=str(storage), strict=strict, **options)
+    exporter = Exporter(
+        load,
+        Options("127.0.0.1:0", storage_path=str(storage), strict=strict, **options),
+        providers=providers,
+    )
     first = load()
     failure: list[BaseException] = []
 

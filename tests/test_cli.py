@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,21 +18,26 @@ import pytest
 
 from simulators import KITS
 from simulators.whatsgate import WhatsGateSimulator
-from tests.conftest import free_port, require_tool, scrape, value, wait_for
+from tests.conftest import free_port, parse_exposition, require_tool, scrape, value, wait_for
+
+IDENTITY = {"Accept-Encoding": "identity"}
 
 pytestmark = pytest.mark.processes  # every test runs `python -m exporter`
 
 
-def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    """Runs in a fresh directory unless told otherwise: the ledger file lands there."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "exporter", *args],
-        cwd=cwd or tempfile.mkdtemp(prefix="exporter-cwd-"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def start(*args: str, cwd: Path | None = None, log: Path | None = None) -> subprocess.Popen:
+    """Runs in a fresh directory unless told otherwise: the ledger file lands there. With a
+    `log`, its output goes to that file (read while it runs) instead of a pipe."""
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(log.open("wb")) if log else subprocess.PIPE
+        return subprocess.Popen(
+            [sys.executable, "-m", "exporter", *args],
+            cwd=cwd or tempfile.mkdtemp(prefix="exporter-cwd-"),
+            stdout=out,
+            stderr=subprocess.STDOUT if log else subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str, float]:
@@ -104,6 +110,55 @@ def test_sighup_reloads_the_config_file(tmp_path):
             code, stderr, _ = stop(process, signal.SIGINT)
     assert code == 0
     assert "config reloaded" in stderr
+
+
+SIGHUPS = 8
+
+
+def test_a_sighup_reload_is_on_metrics_when_it_is_logged(tmp_path):
+    """Whoever sends SIGHUP and waits for the log line checks /metrics next: the reload's
+    result is published before it is logged. The publication once followed the log line by up
+    to its coalescing delay, which starts with every publication: each SIGHUP is sent right
+    after one (polls publish every second)."""
+    with WhatsGateSimulator(devices=2, auto=True, tick=0.2) as sim:
+        port = free_port()
+        config = tmp_path / "config.yaml"
+        good = (
+            "defaults: {interval: 1s, timeout: 1s}\n"
+            f"whatsgate:\n  - {{account: a, base_url: '{sim.base_url}', token: demo-token,\n"
+            "      balance: {interval: 1s}, failed_numbers: {interval: 1s}}\n"
+        )
+        config.write_text(good)
+        log = tmp_path / "exporter.log"
+        address = f"--web.listen-address=127.0.0.1:{port}"
+        process = start(f"--config.file={config}", address, cwd=tmp_path, log=log)
+        url = f"http://127.0.0.1:{port}"
+        # one client, kept: a new one costs tens of ms (its TLS context), longer than the race
+        client = httpx.Client(timeout=5, headers=IDENTITY)
+        try:
+            wait_for(lambda: scrape(url) is not None, 10, "the exporter to listen")
+            wait_for(lambda: httpx.get(f"{url}/-/ready").status_code == 200, 15, "readiness")
+            for attempt in range(SIGHUPS):
+                ok = attempt % 2 == 1
+                said = "config reloaded" if ok else "reload failed"
+                before = log.read_text().count(said)
+                config.write_text(good if ok else good + "bogus: 1\n")
+                first = client.get(f"{url}/metrics").content
+                deadline = time.monotonic() + 10
+                while client.get(f"{url}/metrics").content == first:
+                    assert time.monotonic() < deadline, "no publication within 10 s"
+                process.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10
+                while log.read_text().count(said) == before:
+                    assert time.monotonic() < deadline, f"no {said!r} after SIGHUP {attempt}"
+                    time.sleep(0.002)
+                series = parse_exposition(client.get(f"{url}/metrics").text)
+                shown = value(series, "whatsapp_exporter_config_last_reload_successful")
+                assert shown == float(ok), f"SIGHUP {attempt}: {shown}"
+        finally:
+            client.close()
+            code, _, _ = stop(process)
+    assert code == 0
 
 
 def test_json_logs_are_one_object_a_line(tmp_path):

@@ -16,10 +16,11 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import exposition as exposition_module
+from exporter import serving
 from exporter import snapshot as snapshot_module
 from exporter.exposition import MAX_LABEL_VALUE, float_text, safe_text
 from exporter.metrics import Family, Sample
-from exporter.snapshot import Snapshot, TargetKey, Variant
+from exporter.snapshot import Snapshot, TargetKey
 from tests.conftest import require_tool
 
 
@@ -69,7 +70,7 @@ def _snapshot_with(values: list[str]) -> Snapshot:
 
 def test_hostile_label_values_round_trip_through_both_parsers():
     snapshot = _snapshot_with(HOSTILE)
-    text = snapshot.exposition.body(Variant()).decode()
+    text = snapshot.exposition.body().decode()
     parsed = {
         s.labels["number"]: s.labels["label"]
         for f in text_string_to_metric_families(text)
@@ -83,7 +84,7 @@ def test_hostile_label_values_round_trip_through_both_parsers():
     assert len(parsed["+12025550106"]) == MAX_LABEL_VALUE
     assert parsed["+12025550106"].endswith("…")
 
-    openmetrics = snapshot.exposition.body(Variant(openmetrics=True)).decode()
+    openmetrics = snapshot.exposition.body(openmetrics=True).decode()
     assert openmetrics.endswith("# EOF\n")
     families = {f.name: f for f in openmetrics_families(openmetrics)}
     assert families["whatsapp_client_events"].type == "counter"
@@ -96,7 +97,7 @@ def test_hostile_label_values_round_trip_through_both_parsers():
 @pytest.mark.processes
 def test_hostile_exposition_passes_promtool():
     promtool = require_tool("promtool", "prometheus")
-    body = _snapshot_with(HOSTILE).exposition.body(Variant())
+    body = _snapshot_with(HOSTILE).exposition.body()
     result = subprocess.run(
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60
     )
@@ -230,16 +231,14 @@ def test_an_answer_seen_before_is_not_translated_again_and_a_new_one_is(monkeypa
 def test_a_big_exposition_gzips_in_batches_to_exactly_its_plain_bytes():
     """Pieces of every size, some bigger than a batch, some empty: one gzip member whose content
     is the pieces in order, and the plain body is the same bytes."""
-    pieces = [
-        bytes([65 + i % 26]) * (i * 7919 % (3 * snapshot_module.GZIP_BATCH // 2)) for i in range(40)
-    ]
+    pieces = [bytes([65 + i % 26]) * (i * 7919 % (3 * serving.GZIP_BATCH // 2)) for i in range(40)]
     exposition = snapshot_module.Exposition(1, pieces, [*pieces, b"# EOF\n"])
-    plain = exposition.body(Variant())
+    plain = exposition.body()
     assert plain == b"".join(pieces)
-    assert exposition.size(False) == len(plain) > 4 * snapshot_module.GZIP_BATCH
-    zipped = exposition.body(Variant(gzip=True))
+    assert exposition.size(False) == len(plain) > 4 * serving.GZIP_BATCH
+    zipped = serving.compress(exposition, openmetrics=False)
     assert gzip.decompress(zipped) == plain
-    openmetrics = exposition.body(Variant(openmetrics=True, gzip=True))
+    openmetrics = serving.compress(exposition, openmetrics=True)
     assert gzip.decompress(openmetrics) == plain + b"# EOF\n"
 
 
@@ -397,7 +396,7 @@ def test_chunks_stay_right_as_targets_come_change_and_go(monkeypatch, chunk):
                 for s in f.samples
             }
             assert seen == live
-            om = snapshot.exposition.body(Variant(openmetrics=True)).decode()
+            om = snapshot.exposition.body(openmetrics=True).decode()
             assert om.endswith("# EOF\n")
             om_samples = [x for x in om.splitlines() if not x.startswith("#")]
             assert [x for x in om_samples if "_created" not in x] == [

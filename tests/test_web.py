@@ -13,15 +13,23 @@ import httpx
 import pytest
 
 from exporter import exposition as exposition_module
+from exporter import serving as serving_module
 from exporter import snapshot as snapshot_module
-from exporter import web as web_module
 from exporter.metrics import Family, Sample
-from exporter.snapshot import Snapshot, Variant
+from exporter.serving import Scrapes, Variant
+from exporter.snapshot import Snapshot
 from simulators import Fault
 from simulators.betatel import BetatelSimulator
 from simulators.kaleyra import KaleyraSimulator
 from simulators.whatsgate import WhatsGateSimulator
-from tests.conftest import parse_exposition, require_tool, run_exporter, value, wait_for
+from tests.conftest import (
+    parse_exposition,
+    require_tool,
+    run_exporter,
+    value,
+    values,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -126,14 +134,41 @@ def test_ready_only_after_the_first_polls(sims):
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
 
 
+def test_the_usual_answers_are_counted_from_zero(sims):
+    """rate() and increase() need a series before its first increment: each built-in handler's
+    usual codes exist at 0 from the first exposition (the counts are refreshed every 10 s)."""
+    with run_exporter(all_config(sims, "1h")) as running:
+        running.wait_for_metric("whatsapp_exporter_http_requests_total", handler="/metrics")
+        series = running.scrape()
+    requests = {
+        (labels["handler"], labels["code"]): count
+        for labels, count in values(series, "whatsapp_exporter_http_requests_total")
+    }
+    assert requests == {
+        ("/", "200"): 0,
+        ("/config", "200"): 0,
+        ("/metrics", "200"): 0,
+        ("/-/healthy", "200"): 0,
+        ("/-/ready", "200"): 0,
+        ("/-/ready", "503"): 0,
+        ("/-/reload", "200"): 0,  # the tests' exporter has --web.enable-lifecycle
+        ("/-/reload", "500"): 0,
+    }
+
+
 def _count_bodies(monkeypatch) -> list[object]:
     """The variants whose whole body gets made (joined or gzipped), in order."""
     made: list[object] = []
-    original = snapshot_module.Exposition.compute
+    joined, compress = snapshot_module.Exposition.joined, serving_module.compress
     monkeypatch.setattr(
         snapshot_module.Exposition,
-        "compute",
-        lambda self, variant: made.append(variant) or original(self, variant),
+        "joined",
+        lambda self, om: made.append(Variant(om)) or joined(self, om),
+    )
+    monkeypatch.setattr(
+        serving_module,
+        "compress",
+        lambda exposition, om: made.append(Variant(om, gzip=True)) or compress(exposition, om),
     )
     return made
 
@@ -165,7 +200,7 @@ def test_scrapes_never_render(sims, monkeypatch):
 def test_a_big_plain_body_is_streamed_block_by_block_and_matches_gzip(sims, monkeypatch):
     """Over STREAM_OVER the plain body is never joined: written as the family blocks, with its
     length up front; HEAD gets the length and no body; both formats stay whole."""
-    monkeypatch.setattr(web_module, "STREAM_OVER", 1000)  # the small test exposition streams
+    monkeypatch.setattr(serving_module, "STREAM_OVER", 1000)  # the small test exposition streams
     joined = _count_bodies(monkeypatch)
     with run_exporter(all_config(sims, "1h")) as running:
         wait_for(lambda: httpx.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
@@ -223,6 +258,33 @@ def test_reload_good_and_bad_keeps_the_old_config(sims, tmp_path):
         assert not any(dict(labels).get("provider") == "kaleyra" for _, labels in series)
 
 
+RELOADS = 16
+
+
+def test_a_reload_is_on_metrics_when_it_is_answered(sims, tmp_path):
+    """Automation checks whatsapp_exporter_config_last_reload_successful right after POST
+    /-/reload answers, as Prometheus has it updated before answering: every scrape after the
+    answer, gzip or plain, shows the result. The publication once followed the answer by up to
+    its coalescing delay (50 ms with polls running), so this is repeated, bad and good in turn."""
+    path = tmp_path / "config.yaml"
+    good = all_config(sims, "1s")
+    path.write_text(good)
+    with run_exporter(path) as running, httpx.Client(timeout=30) as client:
+        wait_for(lambda: client.get(f"{running.url}/-/ready").status_code == 200, 15, "readiness")
+        for attempt in range(RELOADS):
+            ok = attempt % 2 == 1
+            path.write_text(good if ok else good + "bogus: 1\n")
+            answer = client.post(f"{running.url}/-/reload")
+            assert answer.status_code == (200 if ok else 500)
+            for encoding in ("gzip", "identity"):
+                scraped = client.get(
+                    f"{running.url}/metrics", headers={"Accept-Encoding": encoding}
+                )
+                series = parse_exposition(scraped.text)
+                shown = value(series, "whatsapp_exporter_config_last_reload_successful")
+                assert shown == float(ok), f"reload {attempt} ({encoding}): {shown}"
+
+
 def test_garbage_requests_get_an_answer_and_the_server_lives_on(sims):
     with run_exporter(all_config(sims, "30s")) as running:
         port = int(running.url.rsplit(":", 1)[1])
@@ -260,49 +322,75 @@ def test_gzip_scrapers_share_recent_work_but_never_get_old_data(monkeypatch):
     after a rest (GZIP_REST times as long as it took); a body older than GZIP_STALE is never
     served: that scrape waits for the newest (a scraper every 15 s always gets fresh data)."""
     clock = [1000.0]
-    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(serving_module, "COMPRESS_IN_THREAD", 0)  # every gzip in a thread
     request = GZIP_REQUEST
     zipped = Variant(gzip=True)
 
-    async def done(server: web_module.WebServer) -> None:
-        while zipped in server._zipping:  # until its done callback ran, not only the compression
+    async def done(scrapes: Scrapes) -> None:
+        while zipped in scrapes._zipping:  # until its done callback ran, not only the compression
             await asyncio.sleep(0.001)
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         publish(snapshot, 1)
-        assert shown(await server._metrics(request)) == 1  # nothing to fall back on: waits
+        assert shown(await scrapes.answer(request)) == 1  # nothing to fall back on: waits
         publish(snapshot, 2)
-        assert shown(await server._metrics(request)) == 1  # the previous one, the newest is started
+        assert shown(await scrapes.answer(request)) == 1  # the previous one, the newest is started
         clock[0] += 0.5  # compressing takes 0.5 s (by this clock)
-        await done(server)
-        assert shown(await server._metrics(request)) == 2
+        await done(scrapes)
+        assert shown(await scrapes.answer(request)) == 2
         publish(snapshot, 3)
         clock[0] += 0.1
-        assert shown(await server._metrics(request)) == 2  # resting: min(4 x 0.5, 2 - 2.5 x 0.5) s
+        assert shown(await scrapes.answer(request)) == 2  # resting: min(4 x 0.5, 2 - 2.5 x 0.5) s
         await asyncio.sleep(0.05)
-        assert snapshot.exposition.ready(zipped) is None  # nothing was started
+        assert scrapes.ready(zipped) is None  # nothing was started
         clock[0] += 1.5  # version 2 was the newest 1.6 s ago
-        assert shown(await server._metrics(request)) == 2
+        assert shown(await scrapes.answer(request)) == 2
         clock[0] += 0.5  # 2.1 s ago: too old to serve, whatever the rest says
-        assert shown(await server._metrics(request)) == 3
+        assert shown(await scrapes.answer(request)) == 3
 
     asyncio.run(scenario())
 
 
+def test_a_gzip_scrape_after_a_reload_was_answered_never_gets_an_older_version(monkeypatch):
+    """A reload's answer promises that /metrics shows its result (`show_from`): a gzip scrape
+    then neither falls back to a body older than that version nor takes an older one that was
+    on its way: it waits for that one, then for the promised version's."""
+    clock = [1000.0]
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    computed = count_compressions(monkeypatch)
+
+    async def scenario() -> None:
+        snapshot = Snapshot("test")
+        scrapes = Scrapes(lambda: snapshot.exposition)
+        publish(snapshot, 1)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 1
+        publish(snapshot, 2)
+        scrapes.show_from(snapshot.exposition.generation)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 2  # not 1, the newest a moment ago
+        publish(snapshot, 3)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 2  # the fallback: 3 is on its way
+        publish(snapshot, 4)
+        scrapes.show_from(snapshot.exposition.generation)
+        assert shown(await scrapes.answer(GZIP_REQUEST)) == 4  # 3 made, then 4
+        assert computed == [snapshot.exposition.generation - g for g in (3, 2, 1, 0)]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def count_compressions(monkeypatch) -> list[int]:
     """Every gzip in a thread, and the generation of each compressed, in order."""
-    monkeypatch.setattr(snapshot_module, "COMPRESS_IN_THREAD", 0)
+    monkeypatch.setattr(serving_module, "COMPRESS_IN_THREAD", 0)
     computed: list[int] = []
-    original = snapshot_module.Exposition.compute
+    original = serving_module.compress
 
-    def counted(self, variant):
-        computed.append(self.generation)
-        return original(self, variant)
+    def counted(exposition, openmetrics):
+        computed.append(exposition.generation)
+        return original(exposition, openmetrics)
 
-    monkeypatch.setattr(snapshot_module.Exposition, "compute", counted)
+    monkeypatch.setattr(serving_module, "compress", counted)
     return computed
 
 
@@ -313,12 +401,12 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         publish(snapshot, 1)
-        first = asyncio.ensure_future(server._metrics(GZIP_REQUEST))
+        first = asyncio.ensure_future(scrapes.answer(GZIP_REQUEST))
         await asyncio.sleep(0)  # it started compressing version 1
         publish(snapshot, 2)
-        second = await server._metrics(GZIP_REQUEST)
+        second = await scrapes.answer(GZIP_REQUEST)
         assert shown(await first) == shown(second) == 1
         assert len(computed) == 1
 
@@ -328,7 +416,7 @@ def test_gzip_scrapes_with_nothing_recent_share_the_compression_on_its_way(monke
 def test_rhythm_knows_when_a_steady_scraper_comes_next():
     """Three scrapes at a steady gap of at least RHYTHM_MIN: due one gap after the last. Back to
     back, unsteady, or too few: not followed. The most recent RHYTHM_KEEP scrapers are kept."""
-    rhythm = web_module.Rhythm()
+    rhythm = serving_module.Rhythm()
     prometheus = ("10.0.0.7", "Prometheus/2.53")
     assert rhythm.scraped(prometheus, 100.0)[::2] == (None, [])
     assert rhythm.scraped(prometheus, 115.0)[::2] == (None, [])
@@ -338,7 +426,7 @@ def test_rhythm_knows_when_a_steady_scraper_comes_next():
     fast = ("10.0.0.8", "curl")
     for at in (0.0, 1.0, 2.0, 3.0):
         assert rhythm.scraped(fast, at)[0] is None  # under RHYTHM_MIN: the fallback's business
-    others = [(f"10.0.1.{i}", "x") for i in range(web_module.RHYTHM_KEEP - 2)]
+    others = [(f"10.0.1.{i}", "x") for i in range(serving_module.RHYTHM_KEEP - 2)]
     for other in others:
         assert rhythm.scraped(other, 200.0)[2] == []
     assert rhythm.scraped(("10.0.2.1", "x"), 201.0)[2] == [prometheus]  # the least recent goes
@@ -350,7 +438,7 @@ def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
     just before the next one is due: that scrape is served at once, with what was the newest a
     moment ago, and no other compression is made for it (one per scrape, as before)."""
     clock = [1000.0]
-    monkeypatch.setattr(web_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     computed = count_compressions(monkeypatch)
     prometheus = SimpleNamespace(
         headers={"Accept-Encoding": "gzip", "User-Agent": "Prometheus/2.53"},
@@ -361,29 +449,29 @@ def test_a_steady_gzip_scraper_finds_its_body_made_before_it_comes(monkeypatch):
 
     async def scenario() -> None:
         snapshot = Snapshot("test")
-        server = web_module.WebServer("127.0.0.1:0", snapshot, ready=lambda: True, reload=None)
+        scrapes = Scrapes(lambda: snapshot.exposition)
         for version in (1, 2, 3):  # a new version before each scrape, 15 s apart
             if version > 1:
                 clock[0] += 15
             publish(snapshot, version)
-            assert shown(await server._metrics(prometheus)) == version  # waits: nothing recent
+            assert shown(await scrapes.answer(prometheus)) == version  # waits: nothing recent
             assert len(computed) == version
-        [(key, timer)] = server._ahead.items()
+        [(key, timer)] = scrapes._ahead.items()
         lead = 0.1  # twice the last compression's time (0 by this clock), plus 0.1 s
         assert timer.when() - asyncio.get_running_loop().time() == pytest.approx(15 - lead, abs=1)
         timer.cancel()
         clock[0] += 15 - lead
         publish(snapshot, 4)
-        server._ahead_of(key)  # what the timer does when it fires
-        while snapshot.exposition.ready(zipped) is None:
+        scrapes._ahead_of(key)  # what the timer does when it fires
+        while scrapes.ready(zipped) is None:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0)  # the done callback
         publish(snapshot, 5)  # polls go on meanwhile
         clock[0] += lead
-        assert shown(await server._metrics(prometheus)) == 4  # the newest 0.1 s ago, at once
-        assert not server._zipping  # and nothing else was started for it
+        assert shown(await scrapes.answer(prometheus)) == 4  # the newest 0.1 s ago, at once
+        assert not scrapes._zipping  # and nothing else was started for it
         assert len(computed) == 4
-        await server.stop()
-        assert not server._ahead
+        scrapes.stop()
+        assert not scrapes._ahead
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
