@@ -164,6 +164,8 @@ def test_webhook_events_flat_nested_and_batched_start_tracking(sim):
         )
         bad = httpx.post(url, json=[flat, {"status": "read"}], headers=AUTH)
         assert bad.status_code == 422 and "event[1]" in bad.json()["error"]
+        # an answer means stored; /metrics shows it at the next coalesced publication
+        wait_for(lambda: tracked(running, "pending") == 2, 10, "both requests to be shown")
         series = running.scrape()
     labels = {"account": "prod", "conversation_type": "marketing", "message_type": "template"}
     assert value(series, "whatsapp_messages_total", status="delivered", **labels) == 2
