@@ -165,12 +165,17 @@ def exporter(config: Path, storage: Path) -> Iterator[Process]:
 
 
 def finished(process: Process) -> dict[str, float]:
-    """Waits until nothing is pending; returns the tracked states."""
+    """Waits until every id finished; returns the tracked states. (Nothing pending is not
+    enough: the states are shown at 0 before the first hand-in is published.)"""
     seen: list[dict[str, float]] = []
 
     def done() -> bool:
         seen.append(process.tracked())
-        return seen[-1].get("pending", 1) == 0
+        states = seen[-1]
+        return (
+            states.get("pending", 1) == 0
+            and states.get("done", 0) + states.get("expired", 0) >= IDS
+        )
 
     wait_for(done, 20, "every id to finish")
     return seen[-1]
