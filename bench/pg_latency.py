@@ -89,6 +89,7 @@ LEADER = re.compile(rb"^whatsapp_exporter_leader\{[^}]*\} (\S+)", re.M)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global INGEST_EVERY, WEBHOOK_EVERY  # the schedules' flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--role", choices=("bench", "proxy", "d7sim"), default="bench", help=argparse.SUPPRESS
@@ -103,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="py-spy dump of each replica's main thread halfway through the delayed window",
     )
+    parser.add_argument(
+        "--ingest-every",
+        type=float,
+        default=INGEST_EVERY,
+        help=f"seconds between hand-ins of {INGEST_IDS} ids, per replica (default {INGEST_EVERY})",
+    )
+    parser.add_argument(
+        "--webhook-every",
+        type=float,
+        default=WEBHOOK_EVERY,
+        help=f"seconds between webhook events, per replica (default {WEBHOOK_EVERY})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "d7sim":
         return d7sim(int(args.rest[0]))
     sys.stdout.reconfigure(line_buffering=True)
+    INGEST_EVERY, WEBHOOK_EVERY = args.ingest_every, args.webhook_every
     if postgres.binaries() is None:
         print(
             "FAIL PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb): "
@@ -168,7 +182,9 @@ async def run(workdir: Path, seconds: float, delay: float, *, dump: bool = False
     contention = Contention()
     print(
         f"PostgreSQL latency benchmark: 2 replicas, {seconds:g} s windows, no delay (baseline) "
-        f"then {delay * 1000:g} ms per direction; {os.cpu_count()} cores; work dir {workdir}"
+        f"then {delay * 1000:g} ms per direction; per replica {INGEST_IDS} ids handed in every "
+        f"{INGEST_EVERY:g} s and a webhook every {WEBHOOK_EVERY:g} s; {os.cpu_count()} cores; "
+        f"work dir {workdir}"
     )
     started = time.perf_counter()
     with postgres.running(durable=True) as server:
