@@ -11,8 +11,8 @@ What runs, each in its own process, all on 127.0.0.1:
   SQLite file in WAL mode, `synchronous=FULL`, and one writer thread doing group commit: requests
   queue, the writer takes everything queued, writes it in one transaction (`INSERT OR IGNORE` of
   (id, status) rows), COMMITs, and only then is each of those requests answered. It also answers
-  GET /metrics with a few counters, which shows what a trivial scrape costs on this machine while
-  a burst runs;
+  GET /metrics with two counters, scraped like the exporter's (quiet, then during its bursts):
+  what a busy machine does to a trivial handler's latency;
 - the exporter (`python -m exporter`), with one D7 account whose poller points at a closed
   loopback port (its failures do not matter, and `retry_first: 1h` keeps the ids it learns from
   webhooks from coming due during the run), on a temporary `--storage.path`;
@@ -28,7 +28,7 @@ in a quiet phase before the exporter's bursts and during each burst, and reads e
 counts (whatsapp_tracking_webhook_events_total, whatsapp_messages_total per status) must equal
 what it acknowledged.
 
-    python bench/callbacks.py            # about 1.5 minutes
+    python bench/callbacks.py            # about 1.7 minutes
     python bench/callbacks.py --quick    # shorter windows, a smoke run (not the targets' numbers)
     python bench/callbacks.py --profile  # + py-spy's hot path during the exporter's bursts
 """
@@ -196,6 +196,12 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
         try:
             await baseline.wait_ready(session)
             print(f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}")
+            # its trivial /metrics, quiet and then during its bursts: what this machine does to
+            # the latency of any handler while a burst keeps both cores busy
+            base_quiet = await scrape_window(
+                session, baseline.metrics_url, time.time() + 0.1, single
+            )
+            print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
             for size, seconds in ((1, single), (BATCH, batch)):
                 bursts["baseline", size] = await burst(
                     session, baseline, "baseline", size, seconds, clients
@@ -280,12 +286,14 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
                 f"/metrics p99 during the burst of {what}: {ms(p99)} (target <= {ms(P99_TARGET)})",
             )
         )
+    base_quiet_p50 = pct([s.seconds for s in base_quiet], 50)
     for burst_ in (base1, base50):
-        if burst_.scrapes:
-            print(
-                f"  (reference: the baseline's trivial /metrics during its burst of "
-                f"{burst_.batch} per request: {scrape_summary(burst_.scrapes)})"
-            )
+        times = [s.seconds for s in burst_.scrapes]
+        print(
+            f"  (reference, the baseline's trivial /metrics during its burst of {burst_.batch} per "
+            f"request: p50 {ms(pct(times, 50))}, x{pct(times, 50) / base_quiet_p50:.2f} its quiet "
+            f"{ms(base_quiet_p50)}; p99 {ms(pct(times, 99))})"
+        )
 
     acked = base1.acked + base50.acked
     print(f"  baseline stored {baseline_counted:,} events, acknowledged {sum(acked.values()):,}")

@@ -543,30 +543,26 @@ def leadership(seen: Seen) -> str:
 
 
 def cycles(runs: dict[str, ReplicaRun], start_at: float, end_at: float) -> str:
-    """Report cycles the leaders finished in the window: new last-success times, new errors."""
+    """Report cycles the leaders finished in the window: last-success times (unix times) inside
+    it, and new errors; with the cycle durations /metrics showed after its first scrape."""
     successes, errors, durations = set(), 0.0, []
     for r in runs.values():
         rows = [row for row in r.seen.rows if row[1] == 1]
-        if not rows:
-            continue
-        before = [row for row in r.seen.rows if row[0] <= start_at + 1.0]
-        first_success = next((row[2] for row in rows if row[2] is not None), None)
-        initial = before[0][2] if before and before[0][2] is not None else first_success
         for _, _, last, _, _ in rows:
-            if last is not None and (initial is None or last > initial):
+            if last is not None and start_at <= last <= end_at:
                 successes.add(last)
         counts = [row[3] for row in rows if row[3] is not None]
         if counts:
             errors += counts[-1] - counts[0]
-        last_duration = None
+        previous = rows[0][4] if rows else None  # the cycle before the window
         for _, _, _, _, duration in rows:
-            if duration is not None and duration != last_duration:
+            if duration is not None and duration != previous:
                 durations.append(duration)
-                last_duration = duration
+            previous = duration if duration is not None else previous
     shown = ", ".join(f"{d:.2f}" for d in durations[-8:]) or "none"
     return (
         f"{len(successes)} succeeded, {errors:.0f} failed in {end_at - start_at:.0f} s; "
-        f"durations seen (whatsapp_exporter_poll_duration_seconds, newest 8): {shown} s"
+        f"their durations (whatsapp_exporter_poll_duration_seconds, newest 8): {shown} s"
     )
 
 
