@@ -1,0 +1,840 @@
+"""Benchmark: D7 delivery callbacks into the exporter, against a bare durable service.
+
+The issue's targets: webhook callbacks one per request at least as fast as a bare aiohttp +
+SQLite-WAL group-commit service measured in the same run (1.0x), batches of 50 events per
+request at 50,000 events/s or more, and while a burst runs /metrics keeps a p50 within 1.5x its
+quiet p50 and a p99 under 50 ms.
+
+What runs, each in its own process, all on 127.0.0.1:
+
+- the baseline, "the durable limit" (`--role baseline`, in this file): an aiohttp server with one
+  SQLite file in WAL mode, `synchronous=FULL`, and one writer thread doing group commit: requests
+  queue, the writer takes everything queued, writes it in one transaction (`INSERT OR IGNORE` of
+  (id, status) rows), COMMITs, and only then is each of those requests answered. It also answers
+  GET /metrics with two counters, scraped like the exporter's (quiet, then during its bursts):
+  what a busy machine does to a trivial handler's latency;
+- the exporter (`python -m exporter`), with one D7 account whose poller points at a closed
+  loopback port (its failures do not matter, and `retry_first: 1h` keeps the ids it learns from
+  webhooks from coming due during the run), on a temporary `--storage.path`;
+- the load (`--role load`, in this file): aiohttp clients, 64 requests in flight, posting D7
+  webhook events as D7 sends them (request_id, msg_id, status cycling sent/delivered/read,
+  timestamp in ms, conversation_type, message_type, ...), every event a new message, one per
+  request and then 50 per request (a JSON list), for a fixed time each. It counts the events
+  acknowledged (2xx) by status.
+
+This process scrapes /metrics every 100 ms on a fixed schedule (every 5th scrape with gzip),
+in a quiet phase before the exporter's bursts and during each burst, and reads each server's CPU
+(utime + stime in /proc/<pid>/stat) around each burst. After the bursts, the exporter's own
+counts (whatsapp_tracking_webhook_events_total, whatsapp_messages_total per status) must equal
+what it acknowledged.
+
+    python bench/callbacks.py            # about 1.7 minutes
+    python bench/callbacks.py --quick    # shorter windows, a smoke run (not the targets' numbers)
+    python bench/callbacks.py --profile  # + py-spy's hot path during the exporter's bursts
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from scale import Contention, cpu_seconds, py_spy, summarise_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
+
+ACCOUNT = "bench"
+INGEST_TOKEN = "bench-ingest-token"
+CONCURRENCY = 64  # requests in flight, over all load processes
+BATCH = 50  # events per request in the batch phase
+SCRAPE_EVERY = 0.1
+GZIP_EVERY = 5  # every 5th scrape asks for gzip
+SCRAPE_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 30.0
+LIFETIME = 600.0  # a child process of this benchmark never outlives this, nor its parent
+
+RATIO_TARGET = 1.0  # callbacks, one per request: exporter / baseline
+BATCH_TARGET = 50_000.0  # events/s, 50 per request
+P50_RATIO_TARGET = 1.5  # /metrics p50 during a burst / quiet
+P99_TARGET = 0.050  # /metrics p99 during a burst
+
+STATUSES = ("sent", "delivered", "read")
+IMPLIED = {
+    "sent": ("sent",),
+    "delivered": ("delivered", "sent"),
+    "read": ("read", "delivered", "sent"),
+}
+CONVERSATIONS = ("marketing", "utility", "service")
+KINDS = ("TEMPLATE", "TEXT")
+EVENT = (
+    '{"event_type":"DELIVERY_EVENTS","timestamp":%d,"date":"%s","request_id":"%s",'
+    '"msg_id":"%s","conversation_type":"%s","message_type":"%s",'
+    '"waConvId":"%032x","recipient":"+4917%09d","cust_ref":null,"message_tag1":null,'
+    '"originator":"+15550100100","status":"%s"}'
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--role", choices=("bench", "baseline", "load"), default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows: a smoke run")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="length of each one-per-request burst (default 15, quick 5)",
+    )
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=None,
+        help="length of each batch burst (default 10, quick 4)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=2,
+        help="load processes sharing the requests in flight (default 2)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the exporter during its bursts"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "baseline":
+        return serve_baseline(*args.rest)
+    if args.role == "load":
+        return asyncio.run(load(json.loads(args.rest[0])))
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows even when piped
+    single = args.seconds or (5.0 if args.quick else 15.0)
+    batch = args.batch_seconds or (4.0 if args.quick else 10.0)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-callbacks-"))
+    try:
+        return asyncio.run(run(workdir, single, batch, args.clients, args.profile))
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+@dataclass
+class Burst:
+    """One load phase against one server."""
+
+    server: str
+    batch: int
+    seconds: float  # from the first request sent to the last answer received
+    requests: int
+    acked: Counter[str]  # events acknowledged, by status
+    failed: Counter[str]  # requests not acknowledged, by HTTP status or error
+    cpu: float  # the server's CPU seconds over the burst
+    client_cpu: float  # the load processes' CPU seconds
+    answers: list[float]  # answer latencies (s) of acknowledged requests
+    scrapes: list[Scrape] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(self.acked.values())
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_event(self) -> float:
+        return self.cpu / self.events if self.events else math.nan
+
+
+@dataclass(frozen=True)
+class Scrape:
+    gzip: bool
+    seconds: float
+    ok: bool
+
+
+async def run(workdir: Path, single: float, batch: float, clients: int, profile: bool) -> int:
+    began = time.monotonic()
+    results: list[tuple[bool, str]] = []
+    contention = Contention()
+    print(
+        f"D7 callbacks benchmark: {CONCURRENCY} requests in flight from {clients} load "
+        f"process(es); bursts of {single:g} s one event per request, {batch:g} s {BATCH} per "
+        f"request; {os.cpu_count()} cores; work dir {workdir}"
+    )
+    bursts: dict[tuple[str, int], Burst] = {}
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=200), auto_decompress=False
+    ) as session:
+        baseline = Child.baseline(workdir)
+        try:
+            await baseline.wait_ready(session)
+            print(f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}")
+            # its trivial /metrics, quiet and then during its bursts: what this machine does to
+            # the latency of any handler while a burst keeps both cores busy
+            base_quiet = await scrape_window(
+                session, baseline.metrics_url, time.time() + 0.1, single
+            )
+            print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
+            for size, seconds in ((1, single), (BATCH, batch)):
+                bursts["baseline", size] = await burst(
+                    session, baseline, "baseline", size, seconds, clients
+                )
+                report_burst(bursts["baseline", size])
+            baseline_counted = await baseline.counted(session)
+        finally:
+            baseline.stop()
+
+        exporter = Child.exporter(workdir)
+        try:
+            await exporter.wait_ready(session)
+            print(f"exporter pid {exporter.pid}")
+            quiet_seconds = single  # as long as the burst it is compared with
+            await asyncio.sleep(1.0)  # its first poll cycle (refused) and publication pass
+            quiet = await scrape_window(
+                session, exporter.metrics_url, time.time() + 0.1, quiet_seconds
+            )
+            print(f"exporter /metrics quiet for {quiet_seconds:g} s: {scrape_summary(quiet)}")
+            for size, seconds in ((1, single), (BATCH, batch)):
+                spy = Profiler(exporter.pid, workdir / f"profile-{size}.txt") if profile else None
+                try:
+                    bursts["exporter", size] = await burst(
+                        session, exporter, "exporter", size, seconds, clients
+                    )
+                finally:
+                    if spy:
+                        spy.stop()
+                report_burst(bursts["exporter", size])
+            await asyncio.sleep(1.0)  # a publication pass after the last answer
+            counted = await exporter.counted(session)
+        finally:
+            exporter.stop()
+
+    base1, exp1 = bursts["baseline", 1], bursts["exporter", 1]
+    base50, exp50 = bursts["baseline", BATCH], bursts["exporter", BATCH]
+    ratio = exp1.rate / base1.rate if base1.rate else 0.0
+    print()
+    print("summary:")
+    for burst_ in (base1, exp1, base50, exp50):
+        print(
+            f"  {burst_.server:>8}, {burst_.batch:>2} per request: {burst_.rate:>9,.0f} events/s, "
+            f"CPU {burst_.cpu_per_event * 1000:.3f} ms per event"
+        )
+    print(
+        f"  exporter / baseline: one per request x{ratio:.2f} events/s, "
+        f"x{exp1.cpu_per_event / base1.cpu_per_event:.1f} CPU per event; {BATCH} per request "
+        f"x{exp50.rate / base50.rate:.2f} events/s, "
+        f"x{exp50.cpu_per_event / base50.cpu_per_event:.1f} CPU per event"
+    )
+    quiet_p50 = pct([s.seconds for s in quiet], 50)
+    print(f"  /metrics quiet: {scrape_summary(quiet)}")
+    results.append(
+        (
+            ratio >= RATIO_TARGET,
+            f"callbacks, one per request: exporter {exp1.rate:,.0f}/s, x{ratio:.2f} the "
+            f"baseline's {base1.rate:,.0f}/s (target >= {RATIO_TARGET:.1f}x)",
+        )
+    )
+    results.append(
+        (
+            exp50.rate >= BATCH_TARGET,
+            f"callbacks, {BATCH} per request: exporter {exp50.rate:,.0f} events/s (target >= "
+            f"{BATCH_TARGET:,.0f}/s; the baseline did {base50.rate:,.0f}/s)",
+        )
+    )
+    for burst_ in (exp1, exp50):
+        times = [s.seconds for s in burst_.scrapes]
+        p50, p99 = pct(times, 50), pct(times, 99)
+        what = f"{burst_.batch} per request"
+        print(f"  /metrics during the burst of {what}: {scrape_summary(burst_.scrapes)}")
+        results.append(
+            (
+                p50 <= P50_RATIO_TARGET * quiet_p50,
+                f"/metrics p50 during the burst of {what}: {ms(p50)}, x{p50 / quiet_p50:.2f} "
+                f"quiet {ms(quiet_p50)} (target <= {P50_RATIO_TARGET}x)",
+            )
+        )
+        results.append(
+            (
+                p99 <= P99_TARGET,
+                f"/metrics p99 during the burst of {what}: {ms(p99)} (target <= {ms(P99_TARGET)})",
+            )
+        )
+    base_quiet_p50 = pct([s.seconds for s in base_quiet], 50)
+    for burst_ in (base1, base50):
+        times = [s.seconds for s in burst_.scrapes]
+        print(
+            f"  (reference, the baseline's trivial /metrics during its burst of {burst_.batch} per "
+            f"request: p50 {ms(pct(times, 50))}, x{pct(times, 50) / base_quiet_p50:.2f} its quiet "
+            f"{ms(base_quiet_p50)}; p99 {ms(pct(times, 99))})"
+        )
+
+    acked = base1.acked + base50.acked
+    print(f"  baseline stored {baseline_counted:,} events, acknowledged {sum(acked.values()):,}")
+    acked = exp1.acked + exp50.acked
+    want = Counter(dict.fromkeys(STATUSES, 0))
+    for status, n in acked.items():
+        for reached in IMPLIED[status]:
+            want[reached] += n
+    events, messages = counted
+    print(
+        f"  exporter acknowledged {sum(acked.values()):,} events "
+        f"({', '.join(f'{s} {acked[s]:,}' for s in STATUSES)}); its /metrics: "
+        f"whatsapp_tracking_webhook_events_total {events:,.0f}, whatsapp_messages_total "
+        f"{', '.join(f'{s} {messages.get(s, 0):,.0f}' for s in STATUSES)} "
+        f"(want {', '.join(f'{s} {want[s]:,}' for s in STATUSES)})"
+    )
+    results.append(
+        (
+            events == sum(acked.values()) and all(messages.get(s, 0) == want[s] for s in STATUSES),
+            "every acknowledged event counted once: whatsapp_tracking_webhook_events_total and "
+            "whatsapp_messages_total per status equal what was acknowledged",
+        )
+    )
+    print(f"  {contention.report()}")
+    print()
+    for passed, line in results:
+        print(f"{'PASS' if passed else 'FAIL'} {line}")
+    print(f"(benchmark took {time.monotonic() - began:.0f} s)")
+    return 0 if all(passed for passed, _ in results) else 1
+
+
+async def burst(
+    session: aiohttp.ClientSession,
+    server: Child,
+    name: str,
+    batch: int,
+    seconds: float,
+    clients: int,
+) -> Burst:
+    """`seconds` of load from `clients` processes, scraping /metrics meanwhile."""
+    start_at = time.time() + 2.0  # the load processes start and connect before then
+    per_client = [CONCURRENCY // clients + (i < CONCURRENCY % clients) for i in range(clients)]
+    loads = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(SCRIPT),
+            "--role=load",
+            json.dumps(
+                {
+                    "url": server.webhook_url,
+                    "token": INGEST_TOKEN,
+                    "batch": batch,
+                    "concurrency": n,
+                    "prefix": f"{name[0]}{batch:02d}{index}{os.getpid() % 10000:04d}",
+                    "start_at": start_at,
+                    "seconds": seconds,
+                    "parent": os.getpid(),
+                }
+            ),
+            stdout=subprocess.PIPE,
+        )
+        for index, n in enumerate(per_client)
+    ]
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    cpu_before = cpu_seconds(server.pid)
+    scraping = asyncio.create_task(
+        scrape_window(session, server.metrics_url, start_at + 0.05, seconds - 0.1)
+    )
+    outputs = await asyncio.gather(*(p.communicate() for p in loads))
+    cpu_after = cpu_seconds(server.pid)
+    scrapes = await scraping
+    reports = []
+    for process, (out, _) in zip(loads, outputs, strict=True):
+        if process.returncode != 0 or not out.strip():
+            raise SystemExit(f"a load process failed ({process.returncode})")
+        reports.append(json.loads(out))
+    first = min(r["began"] for r in reports)
+    last = max(r["ended"] for r in reports)
+    return Burst(
+        server=name,
+        batch=batch,
+        seconds=last - first,
+        requests=sum(r["requests"] for r in reports),
+        acked=sum((Counter(r["acked"]) for r in reports), Counter()),
+        failed=sum((Counter(r["failed"]) for r in reports), Counter()),
+        cpu=cpu_after - cpu_before,
+        client_cpu=sum(r["cpu"] for r in reports),
+        answers=[t for r in reports for t in r["answers"]],
+        scrapes=scrapes,
+    )
+
+
+def report_burst(b: Burst) -> None:
+    failed = f"; not acknowledged: {dict(b.failed)}" if b.failed else ""
+    print(
+        f"  {b.server}, {b.batch} per request: {b.events:,} events in {b.requests:,} requests "
+        f"in {b.seconds:.1f} s = {b.rate:,.0f} events/s ({b.requests / b.seconds:,.0f} "
+        f"requests/s); server CPU {b.cpu:.2f} s = {b.cpu_per_event * 1000:.3f} ms per event "
+        f"({b.cpu / b.seconds * 100:.0f}% of a core); answers p50 {ms(pct(b.answers, 50))} "
+        f"p99 {ms(pct(b.answers, 99))}; load processes' CPU {b.client_cpu / b.seconds * 100:.0f}% "
+        f"of a core{failed}"
+    )
+    if b.scrapes:
+        print(f"    /metrics meanwhile: {scrape_summary(b.scrapes)}")
+
+
+# --- /metrics on a fixed schedule -------------------------------------------------------------
+
+
+async def scrape_window(
+    session: aiohttp.ClientSession, url: str, start_at: float, seconds: float
+) -> list[Scrape]:
+    """A scrape every SCRAPE_EVERY seconds from `start_at` for `seconds`, each on time whatever
+    the ones before it are doing (a stalled server shows as the time a scrape arriving at a
+    random moment waits, not as one long scrape); every GZIP_EVERY-th asks for gzip."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    started = time.monotonic()
+    tasks = []
+    for index in itertools.count():
+        due = started + index * SCRAPE_EVERY
+        if index * SCRAPE_EVERY >= seconds:
+            break
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        gzip = index % GZIP_EVERY == GZIP_EVERY - 1
+        tasks.append(asyncio.create_task(scrape(session, url, gzip)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def scrape(session: aiohttp.ClientSession, url: str, gzip: bool) -> Scrape:
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    started = time.perf_counter()
+    try:
+        async with session.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+        ) as answer:
+            await answer.read()
+            ok = answer.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return Scrape(gzip, SCRAPE_TIMEOUT, False)
+    return Scrape(gzip, time.perf_counter() - started, ok)
+
+
+def scrape_summary(scrapes: list[Scrape]) -> str:
+    if not scrapes:
+        return "no scrapes"
+    times = [s.seconds for s in scrapes]
+    plain = [s.seconds for s in scrapes if not s.gzip]
+    zipped = [s.seconds for s in scrapes if s.gzip]
+    failed = sum(not s.ok for s in scrapes)
+    return (
+        f"{len(scrapes)} scrapes, p50 {ms(pct(times, 50))}, p99 {ms(pct(times, 99))}, max "
+        f"{ms(max(times))} (plain p50 {ms(pct(plain, 50))}, gzip p50 {ms(pct(zipped, 50))})"
+        + (f"; {failed} failed or timed out" if failed else "")
+    )
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+class Child:
+    """A server under load in its own process: the baseline (from this file) or the exporter."""
+
+    def __init__(self, command: list[str], log: Path, port: int, webhook_path: str):
+        self.log = log
+        self.port = port
+        self.webhook_url = f"http://127.0.0.1:{port}{webhook_path}"
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        with log.open("w") as stderr:
+            self.process = subprocess.Popen(
+                command, cwd=log.parent, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        self.pid = self.process.pid
+
+    @classmethod
+    def baseline(cls, workdir: Path) -> Child:
+        port = free_port()
+        command = [
+            sys.executable,
+            str(SCRIPT),
+            "--role=baseline",
+            str(workdir / "baseline.db"),
+            str(port),
+            str(os.getpid()),
+        ]
+        return cls(command, workdir / "baseline.log", port, f"/webhooks/d7/{ACCOUNT}")
+
+    @classmethod
+    def exporter(cls, workdir: Path) -> Child:
+        closed = free_port()  # nothing listens there: every poll is refused, quickly
+        config = workdir / "config.yaml"
+        config.write_text(
+            f"""d7:
+  - account: {ACCOUNT}
+    base_url: http://127.0.0.1:{closed}
+    token: bench-d7-token
+    ingest_token: {INGEST_TOKEN}
+    retry_first: 1h
+"""
+        )
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "exporter",
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.path={workdir / 'exporter-storage'}",
+        ]
+        return cls(command, workdir / "exporter.log", port, f"/webhooks/d7/{ACCOUNT}")
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.log.stem} exited:\n{self.log.read_text()[-3000:]}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(
+                    self.metrics_url, timeout=aiohttp.ClientTimeout(total=2)
+                ) as answer:
+                    if answer.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        self.stop()
+        raise SystemExit(f"{self.log.stem} did not answer within {timeout:g} s")
+
+    async def metrics(self, session: aiohttp.ClientSession) -> dict[tuple[str, frozenset], float]:
+        async with session.get(
+            self.metrics_url,
+            headers={"Accept-Encoding": "identity"},
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as answer:
+            text = await answer.text()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    async def counted(self, session: aiohttp.ClientSession):
+        """The baseline: rows stored. The exporter: (webhook events, messages per status)."""
+        series = await self.metrics(session)
+        if "baseline" in self.log.stem:
+            return int(series.get(("bare_events_stored_total", frozenset()), 0))
+        account = ("account", ACCOUNT)
+        events = sum(
+            v
+            for (name, labels), v in series.items()
+            if name == "whatsapp_tracking_webhook_events_total" and account in labels
+        )
+        messages: Counter[str] = Counter()
+        for (name, labels), v in series.items():
+            if name == "whatsapp_messages_total" and account in labels:
+                messages[dict(labels)["status"]] += v
+        return events, messages
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        log = self.log.read_text()
+        if "Traceback" in log:
+            print(f"  {self.log.stem} logged a traceback:\n{log[-3000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Profiler:
+    """py-spy on the exporter for one burst: its hot path."""
+
+    def __init__(self, pid: int, output: Path):
+        self.output = output
+        self.process = None
+        spy = py_spy()
+        if spy is None:
+            return
+        self.process = subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "100",
+                "--nonblocking",
+                "--function",
+                "--format",
+                "raw",
+                "--output",
+                str(output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        if self.output.exists():
+            summarise_profile(self.output.read_text())
+        else:
+            print(f"py-spy wrote no profile: {' '.join(err.split())[-300:]}")
+
+
+# --- the baseline: a bare durable service -----------------------------------------------------
+
+
+def serve_baseline(db_path: str, port: str, parent: str) -> int:
+    """aiohttp + one SQLite file (WAL, synchronous=FULL) + one writer thread doing group
+    commit; a request is answered only after the COMMIT that holds its rows."""
+    from aiohttp import web  # noqa: PLC0415 - only this role serves
+
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS events (id TEXT NOT NULL, status TEXT NOT NULL,"
+        " PRIMARY KEY (id, status)) WITHOUT ROWID"
+    )
+    waiting: queue.SimpleQueue = queue.SimpleQueue()
+    stored = {"rows": 0, "commits": 0}
+    token = f"Bearer {INGEST_TOKEN}"
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def settle(group: list, error: Exception | None) -> None:
+        for _, future in group:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def writer() -> None:
+        while True:
+            first = waiting.get()
+            if first is None:
+                return
+            group = [first]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    group.append(waiting.get_nowait())
+            rows = [row for rows, _ in group for row in rows]
+            error = None
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                inserted = db.executemany(
+                    "INSERT OR IGNORE INTO events (id, status) VALUES (?, ?)", rows
+                ).rowcount
+                db.execute("COMMIT")
+                stored["rows"] += inserted
+                stored["commits"] += 1
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                error = exc
+            loop.call_soon_threadsafe(settle, group, error)
+
+    async def webhook(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != token:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return web.json_response({"error": "not JSON"}, status=400)
+        items = body if isinstance(body, list) else [body]
+        rows = []
+        for item in items:
+            if not isinstance(item, dict):
+                return web.json_response({"error": "not an event"}, status=422)
+            key, status = item.get("msg_id") or item.get("request_id"), item.get("status")
+            if not isinstance(key, str) or not isinstance(status, str):
+                return web.json_response({"error": "request_id and status"}, status=422)
+            rows.append((key, status))
+        if not 1 <= len(rows) <= 1000:
+            return web.json_response({"error": "1 to 1000 events"}, status=422)
+        future = loop.create_future()
+        waiting.put((rows, future))
+        try:
+            await future  # answered after its COMMIT, never before
+        except sqlite3.Error:
+            return web.json_response({"error": "not stored"}, status=503)
+        return web.json_response({"accepted": len(rows)})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        text = (
+            "# TYPE bare_events_stored counter\n"
+            f"bare_events_stored_total {stored['rows']}\n"
+            "# TYPE bare_commits counter\n"
+            f"bare_commits_total {stored['commits']}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def serve() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        thread = threading.Thread(target=writer, name="group-commit", daemon=True)
+        thread.start()
+        app = web.Application()
+        app.router.add_post(f"/webhooks/d7/{ACCOUNT}", webhook)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(port), backlog=1024).start()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        deadline = time.monotonic() + LIFETIME
+        while not stop.is_set() and time.monotonic() < deadline and os.getppid() == int(parent):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+        await runner.cleanup()
+        waiting.put(None)
+        thread.join(10)
+        db.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+# --- the load ---------------------------------------------------------------------------------
+
+
+def events(prefix: str, first: int, count: int, now: float) -> tuple[bytes, list[str]]:
+    """`count` webhook events, each a new message of a new request; their statuses."""
+    stamp = int(now * 1000)
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
+    texts, statuses = [], []
+    for n in range(first, first + count):
+        status = STATUSES[n % len(STATUSES)]
+        request_id = f"{prefix}-0000-4000-8000-{n:012x}"
+        msg_id = f"{prefix}-1111-4000-9000-{n:012x}"
+        texts.append(
+            EVENT
+            % (
+                stamp,
+                date,
+                request_id,
+                msg_id,
+                CONVERSATIONS[n % len(CONVERSATIONS)],
+                KINDS[n % len(KINDS)],
+                n,
+                n % 10**9,
+                status,
+            )
+        )
+        statuses.append(status)
+    body = texts[0] if count == 1 else "[" + ",".join(texts) + "]"
+    return body.encode(), statuses
+
+
+async def load(spec: dict) -> int:
+    """Posts webhooks from `start_at` for `seconds`, `concurrency` in flight; prints a JSON
+    report: events acknowledged by status, failures, answer latencies, its own CPU."""
+    batch, prefix = spec["batch"], spec["prefix"]
+    headers = {"Authorization": f"Bearer {spec['token']}", "Content-Type": "application/json"}
+    acked: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    answers: list[float] = []
+    numbers = itertools.count(0, batch)
+    requests = 0
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    connector = aiohttp.TCPConnector(limit=spec["concurrency"])
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # connect before the start, so the burst measures answers, not handshakes
+        await asyncio.sleep(max(0.0, spec["start_at"] - 1.0 - time.time()))
+        await asyncio.gather(*(_touch(session, spec["url"]) for _ in range(spec["concurrency"])))
+        await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+        began, cpu = time.time(), time.process_time()
+        end = began + spec["seconds"]
+
+        async def worker() -> None:
+            nonlocal requests
+            while time.time() < end and os.getppid() == spec["parent"]:
+                body, statuses = events(prefix, next(numbers), batch, time.time())
+                requests += 1
+                sent = time.perf_counter()
+                try:
+                    async with session.post(spec["url"], data=body, headers=headers) as answer:
+                        await answer.read()
+                        status = answer.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failed[type(exc).__name__] += 1
+                    continue
+                if 200 <= status < 300:
+                    answers.append(time.perf_counter() - sent)
+                    acked.update(statuses)
+                else:
+                    failed[str(status)] += 1
+
+        await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
+        ended, cpu = time.time(), time.process_time() - cpu
+    print(
+        json.dumps(
+            {
+                "began": began,
+                "ended": ended,
+                "requests": requests,
+                "acked": acked,
+                "failed": failed,
+                "answers": answers,
+                "cpu": cpu,
+            }
+        )
+    )
+    return 0
+
+
+async def _touch(session: aiohttp.ClientSession, url: str) -> None:
+    """A GET that opens a keep-alive connection (a 404 or 405 is as good as any answer)."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with session.get(url.rsplit("/webhooks/", 1)[0] + "/metrics") as answer:
+            await answer.read()
+
+
+# --- printing ---------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest rank: the value at or below which q% of them lie."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
