@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import Series, parse_exposition, values, wait_for
+from tests.conftest import Series, free_port, parse_exposition, values, wait_for
+
+pytestmark = pytest.mark.processes  # `python -m exporter`, killed with -9 and started again
 
 ACCOUNT = "cb"
 INGEST_TOKEN = "ingest-callbacks"
@@ -39,12 +41,6 @@ IMPLIED = {
     "delivered": ("delivered", "sent"),
     "read": ("read", "delivered", "sent"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
