@@ -9,6 +9,7 @@ one PostgreSQL database without touching each other's rows.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -247,3 +248,31 @@ def test_a_webhook_only_provider_settles_a_message_by_its_final_status(tmp_path)
     polled.report("a", [("w1", update("w1", "read"), None)], SCHEDULE).result()
     assert polled.totals()["a"].states == {"pending": 1, "done": 0, "expired": 0}
     polled.close()
+
+
+def test_a_batch_wakes_its_event_loop_once(tmp_path):
+    """Calls made on an event loop get asyncio futures, settled in one callback per batch: a
+    wake-up for each cost the loop ~15% of a callback burst's CPU."""
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+
+    async def burst() -> tuple[list[object], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        plain = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (wakeups.append(a), plain(*a, **k))[1]
+        release, cycle = hold_inside_a_transaction(ledger)
+        calls = [
+            ledger.report("a", [(f"r{i}", update(f"m{i}", "sent"), None)], SCHEDULE)
+            for i in range(100)
+        ]
+        assert all(isinstance(call, asyncio.Future) for call in calls)
+        release.set()
+        results = await asyncio.gather(*calls)
+        await cycle
+        return results, len(wakeups)
+
+    results, wakeups = asyncio.run(burst())
+    assert results == [None] * 100
+    assert wakeups <= 2, f"{wakeups} wake-ups for one batch of 100"
+    assert ledger.pending_count("a") == 100
+    ledger.close()

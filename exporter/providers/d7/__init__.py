@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from exporter.tracking import (
     Ledger,
     LedgerError,
     MessageUpdate,
+    Pending,
     Totals,
 )
 
@@ -193,10 +193,10 @@ class Follower:
             raise bad[0].args[0]
         return Cycle(len(due), self.ledger.pending_count(name))
 
-    async def _ledger(self, call: Callable[..., Future[Any]], *args: Any) -> Any:
+    async def _ledger(self, call: Callable[..., Pending], *args: Any) -> Any:
         """A ledger call, done by its writer thread; its failure is the exporter's disk, not D7."""
         try:
-            return await asyncio.wrap_future(call(*args))
+            return await call(*args)
         except LedgerError as exc:
             raise PollError("storage", f"the D7 ledger cannot be used: {exc}") from None
 
@@ -374,7 +374,7 @@ class Tracking:
         out = {}
         for account in sorted(self._accounts()):
             states = totals[account].states if account in totals else {}
-            oldest = await asyncio.wrap_future(self.ledger.oldest_pending(account))
+            oldest = await self.ledger.oldest_pending(account)
             webhook = self.last_webhook.get(account)
             out[account] = {
                 "pending": str(states.get("pending", 0)),

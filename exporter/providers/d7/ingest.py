@@ -7,7 +7,6 @@ before anything is stored, and ids are committed before the answer goes out.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
@@ -136,9 +135,7 @@ class Ingest:
         if isinstance(account, Response):
             return account
         try:
-            new = await asyncio.wrap_future(
-                self._ledger.add(account.account, handover.request_ids, account.schedule())
-            )
+            new = await self._ledger.add(account.account, handover.request_ids, account.schedule())
         except LedgerError as exc:
             self._refused(body)
             return _unavailable(exc)
@@ -178,9 +175,7 @@ class Ingest:
         if ignored:
             self._count(account.account, "bad_timestamp", ignored)
         try:
-            await asyncio.wrap_future(
-                self._ledger.report(account.account, batch, account.schedule())
-            )
+            await self._ledger.report(account.account, batch, account.schedule())
         except LedgerError as exc:
             return _unavailable(exc)
         self._count(account.account, "events", len(batch))
