@@ -44,6 +44,10 @@ REFRESH_EVERY = 1.0  # seconds between reads of a shared ledger's counts
 # a thread (a concurrent one)
 Pending = asyncio.Future | Future
 MAX_BATCH = 1024  # jobs in one transaction at most
+# On a shared ledger, jobs whose account another replica has locked (its poll cycle) wait aside,
+# tried again this often, while the writer serves the rest; after PATIENCE they wait for it.
+BUSY_RETRY = 0.05
+PATIENCE = 5.0
 STATES = ("pending", "done", "expired")
 
 
@@ -218,6 +222,8 @@ class Ledger:
             raise
         self._refreshed = time.monotonic()
         self._failing = False
+        self._waiting: list[_Job] = []  # jobs set aside while another replica held their lock
+        self._busy_since: float | None = None
         self._writer = threading.Thread(
             target=self._write_forever, name=f"ledger {vocabulary.names.prefix}", daemon=True
         )
@@ -332,12 +338,17 @@ class Ledger:
     def _write_once(self) -> bool:
         """One batch (or, idle, a refresh); False once closed."""
         try:
+            waiting, self._waiting = self._waiting, []
+            timeout = BUSY_RETRY if waiting else REFRESH_EVERY if self._store.shared else None
             try:
-                first = self._queue.get(timeout=REFRESH_EVERY if self._store.shared else None)
+                first = self._queue.get(timeout=timeout)
             except queue.Empty:
-                self._refresh()
+                if waiting:
+                    self._run(waiting)
+                else:
+                    self._refresh()
                 return True
-            jobs = [first]
+            jobs = [*waiting, first]
             while len(jobs) < MAX_BATCH:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -362,31 +373,51 @@ class Ledger:
                 _deliver([(job, None, closed)])
 
     def _run(self, jobs: list[_Job]) -> None:
-        """One transaction for all of them; if it fails, each alone, so that one bad job (or a
-        lost connection) fails only itself."""
-        if not jobs:
+        """Jobs that take no lock (hand-ins, reads) in one transaction, then those that change
+        statuses in another: a hand-in never waits for another replica's poll cycle, even when
+        it is queued beside a webhook that must."""
+        free = [job for job in jobs if job.accounts == ()]
+        locked = [job for job in jobs if job.accounts != ()]
+        self._run_together(free)
+        if not locked:
             return
+        now = time.monotonic()
+        patient = not self._store.shared or now - (self._busy_since or now) >= PATIENCE
+        if self._run_together(locked, wait=patient):
+            self._busy_since = None
+        else:  # another replica holds one of these accounts: aside, and the rest go on
+            self._waiting = locked
+            self._busy_since = self._busy_since or now
+
+    def _run_together(self, jobs: list[_Job], *, wait: bool = True) -> bool:
+        """One transaction for all of them; if it fails, each alone, so that one bad job (or a
+        lost connection) fails only itself. False, and nothing done, when `wait` is off and an
+        account's lock is held elsewhere."""
+        if not jobs:
+            return True
         groups = _merged(jobs)
         writes = [job for job in jobs if job.write]
         try:
             if writes:
                 locks = None if any(j.accounts is None for j in writes) else _accounts(writes)
-                with self._transaction(locks):
+                with self._transaction(locks, wait=wait):
                     results = [group[0].run(*_arguments(group)) for group in groups]
             else:
                 with self._reading():
                     results = [group[0].run(*_arguments(group)) for group in groups]
+        except _Busy:
+            return False
         except Exception as exc:
             if len(jobs) > 1:
                 for job in jobs:
-                    self._run([job])
+                    self._run_together([job])
                 return
             if not isinstance(exc, LedgerError):
                 log.exception(
                     "a ledger job failed", extra={"fields": {"job": jobs[0].run.__name__}}
                 )
             _deliver([(jobs[0], None, exc)])
-            return
+            return True
         _deliver(
             [
                 (job, result, None)
@@ -396,6 +427,7 @@ class Ledger:
         )
         if writes:
             self._changed()
+        return True
 
     def _changed(self) -> None:
         for listener in self._listeners:
@@ -592,16 +624,16 @@ class Ledger:
         """The totals as the tables hold them."""
         counted = _Counted()
         with self._reading():
-            for account, status, conversation, kind, count in self._store.execute(
-                self._sql.message_counts
-            ).fetchall():
+            with self._store.batch():  # every second on a shared ledger: one round trip
+                queries = (self._sql.message_counts, self._sql.delivery_seconds)
+                cursors = [self._store.execute(q) for q in (*queries, self._sql.state_counts)]
+            messages, seconds, states = (cursor.fetchall() for cursor in cursors)
+            for account, status, conversation, kind, count in messages:
                 counted.messages[account, status, conversation, kind] = count
-            for account, status, bucket, count, total in self._store.execute(
-                self._sql.delivery_seconds
-            ).fetchall():
+            for account, status, bucket, count, total in seconds:
                 counted.observed[account, status, bucket] = count
                 counted.seconds[account, status, bucket] = total
-            for account, state, count in self._store.execute(self._sql.state_counts).fetchall():
+            for account, state, count in states:
                 counted.states[account, state] = count
         totals: dict[str, Totals] = {}
         _add_counts(totals, counted)
@@ -654,10 +686,11 @@ class Ledger:
             self._changed()
 
     def _transaction(
-        self, accounts: Sequence[str] | None, *, failure: str | None = None
+        self, accounts: Sequence[str] | None, *, failure: str | None = None, wait: bool = True
     ) -> _Transaction:
         """A write transaction for these accounts' statuses, or (None) for the whole ledger."""
-        return _Transaction(self, accounts, failure or f"cannot write {self._v.title} ledger")
+        failure = failure or f"cannot write {self._v.title} ledger"
+        return _Transaction(self, accounts, failure, wait)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -806,21 +839,28 @@ def _add_counts(totals: dict[str, Totals], counted: _Counted) -> None:
         states[state] = states.get(state, 0) + change
 
 
+class _Busy(Exception):
+    """An account's lock is held by another replica, and the transaction was not to wait."""
+
+
 class _Transaction:
     """BEGIN ... COMMIT, or ROLLBACK on any exception: nothing is half written. What it counted
     is written just before COMMIT and published just after it, never after a ROLLBACK."""
 
-    def __init__(self, ledger: Ledger, accounts: Sequence[str] | None, failure: str):
+    def __init__(self, ledger: Ledger, accounts: Sequence[str] | None, failure: str, wait: bool):
         self._ledger = ledger
         self._store = ledger._store
         self._accounts = accounts
         self._failure = failure
+        self._wait = wait
 
     def __enter__(self) -> None:
         try:
-            self._store.begin(self._accounts)
+            began = self._store.begin(self._accounts, wait=self._wait)
         except self._store.errors as exc:
             raise self._error(exc) from None
+        if not began:
+            raise _Busy
         self._ledger._counted = _Counted()
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -829,8 +869,9 @@ class _Transaction:
         try:
             if kind is None:
                 try:
-                    self._ledger._save(counted)
-                    self._store.commit()
+                    with self._store.batch():  # the counts and COMMIT: one round trip
+                        self._ledger._save(counted)
+                        self._store.commit()
                 except errors:
                     with contextlib.suppress(*errors):
                         self._store.rollback()

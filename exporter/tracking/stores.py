@@ -122,9 +122,10 @@ class Store:
         """Runs `sql` once per row; returns how many rows it changed."""
         raise NotImplementedError
 
-    def begin(self, accounts: Sequence[str] | None) -> None:
+    def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         """A write transaction that may change these accounts' statuses, or (None) the whole
-        ledger. Taking ids in changes none (`()`): a row lock keeps an id new only once."""
+        ledger. Taking ids in changes none (`()`): a row lock keeps an id new only once.
+        `wait=False`: False, and no transaction, when another replica holds an account."""
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -132,6 +133,11 @@ class Store:
 
     def rollback(self) -> None:
         self.execute("ROLLBACK")
+
+    def batch(self) -> contextlib.AbstractContextManager[Any]:
+        """Statements sent inside wait for no answer until the block ends (or a result is
+        read): one round trip for all of them, where the server is far away."""
+        return contextlib.nullcontext()
 
     def count_states(self, rows: list[tuple[str, str, int]]) -> None:
         """(account, state, change) for the requests this transaction moved."""
@@ -174,8 +180,9 @@ class SQLiteStore(Store):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         return self._db.executemany(sql, rows).rowcount
 
-    def begin(self, accounts: Sequence[str] | None) -> None:
+    def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         self._db.execute("BEGIN IMMEDIATE")  # one writer at a time for the whole file
+        return True
 
     def close(self) -> None:
         self._db.close()
@@ -289,35 +296,53 @@ class PostgresStore(Store):
         cursor.executemany(sql.replace("?", "%s"), rows)
         return cursor.rowcount
 
-    def begin(self, accounts: Sequence[str] | None) -> None:
+    def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         """Writers of one account's statuses wait for each other; a whole-ledger writer
         (creating the schema) waits for all of them, and they for it. Every transaction takes
         its accounts' locks in the order of their keys, so two never wait for each other."""
         whole = self.names.lock_key(None)
+        keys = sorted({self.names.lock_key(a) for a in accounts or ()})
+        if accounts is None:
+            lock, params = "SELECT pg_advisory_xact_lock(%s), true", (whole,)
+        elif wait:
+            lock = (
+                "SELECT pg_advisory_xact_lock_shared(%s),"
+                " (SELECT count(pg_advisory_xact_lock(k)) > -1 FROM unnest(%s::bigint[]) AS k)"
+            )
+            params = (whole, keys)
+        else:  # every lock tried (bool_and does not stop early): ROLLBACK frees those taken
+            lock = (
+                "SELECT pg_try_advisory_xact_lock_shared(%s),"
+                " (SELECT coalesce(bool_and(pg_try_advisory_xact_lock(k)), true)"
+                " FROM unnest(%s::bigint[]) AS k)"
+            )
+            params = (whole, keys)
 
-        def start() -> None:
-            self._connection.execute("BEGIN")
-            if accounts is None:
-                self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (whole,))
-            else:
-                keys = sorted({self.names.lock_key(a) for a in accounts})
-                self._connection.execute(
-                    "SELECT pg_advisory_xact_lock_shared(%s),"
-                    " (SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k)",
-                    (whole, keys),
-                )
+        def start() -> bool:
+            with self._connection.pipeline():  # BEGIN and the locks: one round trip
+                self._connection.execute("BEGIN")
+                taken = self._connection.execute(lock, params)
+            whole_taken, accounts_taken = taken.fetchone()
+            return whole_taken is not False and bool(accounts_taken)
 
         try:
-            self._again_if_lost(start)
+            began = self._again_if_lost(start)
         except self._psycopg.Error:
             with contextlib.suppress(self._psycopg.Error):
                 self._connection.execute("ROLLBACK")
             raise
+        if not began:  # (a lock another replica holds: what this one took goes with ROLLBACK)
+            self._connection.execute("ROLLBACK")
+            return False
         self._in_transaction = True
+        return True
 
     def commit(self) -> None:
         self._in_transaction = False
         self._connection.execute("COMMIT")
+
+    def batch(self) -> contextlib.AbstractContextManager[Any]:
+        return self._connection.pipeline()
 
     def rollback(self) -> None:
         self._in_transaction = False
