@@ -725,6 +725,8 @@ async def proxy(target: int, delay: float, parent: int) -> int:
             await asyncio.gather(
                 pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
             )
+        except asyncio.CancelledError:  # stopping: asyncio would print a cancelled handler's
+            pass  # traceback, since start_server asks each connection's task for its exception
         finally:
             connections.discard(task)
 
