@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Series, free_port, parse_exposition, values, wait_for
+from tests.conftest import Series, free_port, values, wait_for
+from tests.test_d7_durability import exporter  # the same process, killed the same way
 
 pytestmark = pytest.mark.processes  # `python -m exporter`, killed with -9 and started again
 
@@ -41,54 +38,6 @@ IMPLIED = {
     "delivered": ("delivered", "sent"),
     "read": ("read", "delivered", "sent"),
 }
-
-
-@dataclass
-class Process:
-    popen: subprocess.Popen
-    url: str
-    log: Path
-
-    def scrape(self) -> Series | None:
-        try:
-            return parse_exposition(httpx.get(f"{self.url}/metrics", timeout=5).text)
-        except httpx.HTTPError:
-            return None
-
-
-@contextmanager
-def exporter(config: Path, storage: Path) -> Iterator[Process]:
-    """`python -m exporter` on `storage`; logs go to a file, so a full pipe never stalls it."""
-    port = free_port()
-    log = storage.parent / f"exporter.{port}.log"
-    with log.open("w") as stderr:
-        popen = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                f"--config.file={config}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                f"--storage.path={storage}",
-            ],
-            cwd=storage.parent,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    process = Process(popen, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_for(
-            lambda: process.scrape() is not None or popen.poll() is not None,
-            15,
-            "the exporter to listen",
-        )
-        assert popen.poll() is None, log.read_text()
-        yield process
-    finally:
-        if popen.poll() is None:
-            popen.terminate()
-            popen.wait(15)
-    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def event(number: int) -> dict:
