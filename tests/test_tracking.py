@@ -298,3 +298,17 @@ def test_a_batch_wakes_its_event_loop_once(tmp_path):
     assert wakeups <= 2, f"{wakeups} wake-ups for one batch of 100"
     assert ledger.pending_count("a") == 100
     ledger.close()
+
+
+def test_normalising_remembers_only_a_bounded_number_of_short_values():
+    normalised = CHAT.normalised()
+    for i in range(5000):  # a hostile sender's endless new values
+        labels = normalised.labels(MessageUpdate("m", f"Sent-{i}", f"x{i}" * 40, "Text"))
+        assert labels == ("unknown", "other", "other")
+    assert normalised.labels(MessageUpdate("m", " Delivered ", "MARKETING", "")) == (
+        "delivered",
+        "marketing",
+        "unknown",
+    )
+    assert all(len(memo) <= normalised.MEMO for memo in normalised._memo)
+    assert all(len(raw) <= normalised.LONGEST for memo in normalised._memo for raw in memo)

@@ -74,6 +74,9 @@ class Vocabulary:
         status = str(raw or "").strip().lower().replace(" ", "_").replace("-", "_")
         return status if status in self.statuses else "unknown"
 
+    def normalised(self) -> _Normalised:
+        return _Normalised(self)
+
     def latest(self, reached: set[str]) -> str:
         order = {status: index for index, status in enumerate(self.statuses)}
         return max(reached, key=lambda s: order.get(s, -1), default="unknown")
@@ -136,6 +139,37 @@ class Totals:
 def _bounded(raw: object, known: frozenset[str]) -> str:
     value = str(raw or "").strip().lower()
     return value if value in known else ("other" if value else "unknown")
+
+
+class _Normalised:
+    """A vocabulary's statuses and labels as the ledger counts them, each raw value worked out
+    once: a burst repeats a handful of values, and the string work was a tenth of its cost. Only
+    short strings are remembered, and at most MEMO of each kind: a hostile sender's endless
+    new values cost their work, not memory."""
+
+    MEMO = 1024
+    LONGEST = 64
+
+    def __init__(self, vocabulary: Vocabulary):
+        self._v = vocabulary
+        self._memo: tuple[dict[Any, str], dict[Any, str], dict[Any, str]] = ({}, {}, {})
+
+    def labels(self, update: MessageUpdate) -> tuple[str, str, str]:
+        """(status, conversation_type, message_type)."""
+        v, (statuses, conversations, kinds) = self._v, self._memo
+        return (
+            self._once(statuses, update.status, v.status),
+            self._once(conversations, update.conversation_type, _bounded, v.conversation_types),
+            self._once(kinds, update.message_type, _bounded, v.message_types),
+        )
+
+    def _once(self, memo: dict[Any, str], raw: Any, work: Callable[..., str], *more: Any) -> str:
+        found = memo.get(raw) if type(raw) is str else None
+        if found is None:
+            found = work(raw, *more)
+            if type(raw) is str and len(raw) <= self.LONGEST and len(memo) < self.MEMO:
+                memo[raw] = found
+        return found
 
 
 def _storable(text: str) -> str:
@@ -204,6 +238,7 @@ class Ledger:
             else SQLiteStore(where, vocabulary.names, vocabulary.title)
         )
         self._sql = _Statements(vocabulary.names, self._store)
+        self._normalised = vocabulary.normalised()  # (the writer's alone)
         self._clock = clock
         self._listeners: list[Callable[[], None]] = []
         self._counted = _Counted()
@@ -524,10 +559,11 @@ class Ledger:
 
     def _apply(
         self, account: str, updates: Mapping[str, Sequence[MessageUpdate]], now: float
-    ) -> dict[str, list[tuple[set[str], float | None]]]:
+    ) -> dict[str, dict[str, tuple[set[str], float | None]]]:
         """Count, once each, the statuses (and the ones they imply) not seen before. Returns
         every message of each request as (statuses reached, when delivered), after the updates.
-        Two reads and one write for any number of requests."""
+        Two reads and one write for any number of requests. Returns, per request, its messages
+        by id as (statuses reached, when delivered), after the updates."""
         ids = list(updates)
         known: dict[str, dict[str, tuple[set[str], float | None]]] = {rid: {} for rid in ids}
         for rid, msg_id, reached, delivered_at in self._store.execute(
@@ -536,19 +572,15 @@ class Ledger:
             known[rid][msg_id] = (set(reached.split(",")) - {""}, delivered_at)
         starts: dict[str, float] | None = None
         rows: dict[tuple[str, str], tuple[Any, ...]] = {}
-        v = self._v
+        v, normalised = self._v, self._normalised
         for rid in ids:
             messages = known[rid]
             for update in updates[rid]:
                 msg_id = _storable(update.msg_id)
-                status = v.status(update.status)
+                status, *labels = normalised.labels(update)
                 seen = msg_id in messages
                 reached, delivered_at = messages.get(msg_id, (set(), None))
                 new = [s for s in (status, *v.implies.get(status, ())) if s not in reached]
-                labels = (
-                    _bounded(update.conversation_type, v.conversation_types),
-                    _bounded(update.message_type, v.message_types),
-                )
                 at = update.at if update.at is not None else now
                 for reached_status in new:
                     self._counted.messages[account, reached_status, *labels] += 1
@@ -571,7 +603,7 @@ class Ledger:
                 )
         if rows:
             self._store.executemany(self._sql.upsert_message, list(rows.values()))
-        return {rid: list(known[rid].values()) for rid in ids}
+        return known
 
     def _starts(self, account: str, ids: Sequence[str]) -> dict[str, float]:
         """When each request was sent, or else handed in: where its delivery time starts."""
@@ -584,10 +616,11 @@ class Ledger:
         self._counted.seconds[account, status, bucket] += seconds
 
     def _settled(
-        self, messages: list[tuple[set[str], float | None]], now: float, schedule: Schedule
+        self, messages: Mapping[str, tuple[set[str], float | None]], now: float, schedule: Schedule
     ) -> bool:
         """Done when every message is final, or delivered and `final_after` has passed."""
-        waiting_for_read = [d for reached, d in messages if not (reached & self._v.final)]
+        final = self._v.final
+        waiting_for_read = [d for reached, d in messages.values() if not (reached & final)]
         return bool(messages) and all(
             d is not None and now - d >= schedule.final_after for d in waiting_for_read
         )
