@@ -309,7 +309,10 @@ class Tracking:
     def problem(self, account: str, problem: str, count: int = 1) -> None:
         self.count(account, problem, count)
 
-    def _webhook_arrived(self, account: str) -> None:
+    def _webhook_arrived(self, account: str, events: int) -> None:
+        """Its events counted and its time noted, with one change signal (one per webhook)."""
+        key = (account, "events")
+        self.counts[key] = self.counts.get(key, 0) + events
         self.last_webhook[account] = time.time()
         self._changed()
 

@@ -106,18 +106,19 @@ class Ingest:
         ledger: Ledger,
         accounts: Callable[[], Mapping[str, Account]],
         count: Callable[[str, str, int], None],
-        webhook_arrived: Callable[[str], None],
+        webhook_arrived: Callable[[str, int], None],
     ):
         self._ledger = ledger
         self._accounts = accounts  # the running config's D7 accounts, by name
         self._count = count  # (account, what, how many): ids new/known/refused, events, problems
-        self._webhook_arrived = webhook_arrived
-
-    def routes(self) -> list[Route]:
-        return [
+        self._webhook_arrived = webhook_arrived  # (account, events stored)
+        self._routes = [
             Route("POST", REQUESTS_PATH, self.requests),
             Route("POST", WEBHOOK_PREFIX, self.webhook, prefix=True),
         ]
+
+    def routes(self) -> list[Route]:
+        return self._routes  # (made once: the web server asks on every request)
 
     async def requests(self, request: Request) -> Response:
         refused = self._authenticated(request)
@@ -178,8 +179,7 @@ class Ingest:
             await self._ledger.report(account.account, batch, account.schedule())
         except LedgerError as exc:
             return _unavailable(exc)
-        self._count(account.account, "events", len(batch))
-        self._webhook_arrived(account.account)
+        self._webhook_arrived(account.account, len(batch))
         return json_response(200, {"account": account.account, "accepted": len(batch)})
 
     def _by_secret(self, name: str, secret: str) -> Account | Response:
