@@ -10,6 +10,7 @@ one PostgreSQL database without touching each other's rows.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -312,3 +313,38 @@ def test_normalising_remembers_only_a_bounded_number_of_short_values():
     )
     assert all(len(memo) <= normalised.MEMO for memo in normalised._memo)
     assert all(len(raw) <= normalised.LONGEST for memo in normalised._memo for raw in memo)
+
+
+class DeadlockOnce(SQLiteStore):
+    """Fails the first read of messages (inside a poll cycle's transaction) as a server
+    breaking a deadlock would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failed = 0
+
+    def execute(self, sql, params=()):
+        if sql.startswith("SELECT request_id, msg_id") and not self.failed:
+            self.failed += 1
+            raise sqlite3.OperationalError("deadlock detected")
+        return super().execute(sql, params)
+
+    def again(self, error):
+        return "deadlock" in str(error)
+
+
+def test_a_transaction_undone_to_break_a_deadlock_runs_again_and_counts_once(tmp_path):
+    store = DeadlockOnce(tmp_path / "l.db", CHAT.names)
+    clock = [1000.0]
+    ledger = Ledger(store, vocabulary=CHAT, clock=lambda: clock[0])
+    ledger.add("a", ["r1", "r2"], SCHEDULE).result()
+    clock[0] += 60
+    due = ledger.due("a", 10).result()
+    answers = ((d, [update(f"m-{d.request_id}", "read")], None) for d in due)  # read once
+    ledger.record("a", answers, SCHEDULE).result(10)
+    assert store.failed == 1
+    totals = ledger.totals()["a"]
+    assert totals.messages[("read", "marketing", "unknown")] == 2
+    assert totals.messages[("sent", "marketing", "unknown")] == 2
+    assert totals.states == {"pending": 0, "done": 2, "expired": 0}
+    ledger.close()

@@ -44,6 +44,7 @@ REFRESH_EVERY = 1.0  # seconds between reads of a shared ledger's counts
 # a thread (a concurrent one)
 Pending = asyncio.Future | Future
 MAX_BATCH = 1024  # jobs in one transaction at most
+AGAIN = 3  # runs of a transaction the server undid to break a deadlock, before it fails
 # On a shared ledger, jobs whose account another replica has locked (its poll cycle) wait aside,
 # tried again this often, while the writer serves the rest; after PATIENCE they wait for it.
 BUSY_RETRY = 0.05
@@ -153,6 +154,11 @@ class _Normalised:
     def __init__(self, vocabulary: Vocabulary):
         self._v = vocabulary
         self._memo: tuple[dict[Any, str], dict[Any, str], dict[Any, str]] = ({}, {}, {})
+        # each status with the ones it implies, in the order they are counted
+        self.chains = {
+            status: (status, *vocabulary.implies.get(status, ()))
+            for status in (*vocabulary.statuses, "unknown")
+        }
 
     def labels(self, update: MessageUpdate) -> tuple[str, str, str]:
         """(status, conversation_type, message_type)."""
@@ -318,7 +324,7 @@ class Ledger:
         Each answer is (id, its messages, None), or (id, None, "not_found"), or (id, None,
         "gone") for an id the provider will never know (a malformed id), or (id, None, "retry").
         """
-        return self._submit(self._record, (account, answers, schedule), (account,))
+        return self._submit(self._record, (account, _Replayable(answers), schedule), (account,))
 
     def expire_old(self, account: str, schedule: Schedule) -> Pending:
         return self._submit(self._expire_old, (account, schedule), (account,))
@@ -433,13 +439,26 @@ class Ledger:
         groups = _merged(jobs)
         writes = [job for job in jobs if job.write]
         try:
-            if writes:
-                locks = None if any(j.accounts is None for j in writes) else _accounts(writes)
-                with self._transaction(locks, wait=wait):
-                    results = [group[0].run(*_arguments(group)) for group in groups]
-            else:
-                with self._reading():
-                    results = [group[0].run(*_arguments(group)) for group in groups]
+            for run in range(AGAIN):
+                try:
+                    if writes:
+                        locks = (
+                            None if any(j.accounts is None for j in writes) else _accounts(writes)
+                        )
+                        with self._transaction(locks, wait=wait):
+                            results = [group[0].run(*_arguments(group)) for group in groups]
+                    else:
+                        with self._reading():
+                            results = [group[0].run(*_arguments(group)) for group in groups]
+                    break
+                except LedgerError as error:
+                    if not error.again or run == AGAIN - 1:
+                        raise
+                    log.info(
+                        f"{self._v.title} ledger's transaction was undone to break a deadlock;"
+                        " running it again",
+                        extra={"fields": {"jobs": len(jobs)}},
+                    )
         except _Busy:
             return False
         except Exception as exc:
@@ -475,9 +494,11 @@ class Ledger:
 
     def _add(self, account: str, request_ids: Sequence[str], schedule: Schedule) -> int:
         now = self._clock()
+        # sorted: every transaction takes new ids' index entries in the same order, so two
+        # replicas inserting the same ids do not deadlock on them
         rows = [
             (account, rid, now, now + schedule.first)
-            for rid in dict.fromkeys(_storable(rid) for rid in request_ids)
+            for rid in sorted({_storable(rid) for rid in request_ids})
         ]
         new = self._store.executemany(self._sql.insert_request, rows)
         self._counted.states[account, "pending"] += new
@@ -492,12 +513,14 @@ class Ledger:
             for _, batch, _ in calls
             for given_id, update, sent_at in batch
         ]
-        ids = list(dict.fromkeys(request_id for request_id, _, _ in events))
+        ids = sorted({request_id for request_id, _, _ in events})  # (sorted: see `_add`)
         inserted = self._store.executemany(
             self._sql.insert_request, [(account, rid, now, now + schedule.first) for rid in ids]
         )
         self._counted.states[account, "pending"] += inserted
-        sent = [(at, account, rid) for rid, _, at in events if at is not None]
+        sent = sorted(
+            ((at, account, rid) for rid, _, at in events if at is not None), key=lambda r: r[2]
+        )
         if sent:
             self._store.executemany(self._sql.set_sent_at, sent)
         by_request: dict[str, list[MessageUpdate]] = defaultdict(list)
@@ -560,10 +583,10 @@ class Ledger:
     def _apply(
         self, account: str, updates: Mapping[str, Sequence[MessageUpdate]], now: float
     ) -> dict[str, dict[str, tuple[set[str], float | None]]]:
-        """Count, once each, the statuses (and the ones they imply) not seen before. Returns
-        every message of each request as (statuses reached, when delivered), after the updates.
-        Two reads and one write for any number of requests. Returns, per request, its messages
-        by id as (statuses reached, when delivered), after the updates."""
+        """Count, once each, the statuses (and the ones they imply) not seen before. Returns,
+        per request, its messages by id as (statuses reached, when delivered), after the
+        updates. Two reads and one write for any number of requests; the loop runs once per
+        event of a burst, so what it needs is bound to locals first."""
         ids = list(updates)
         known: dict[str, dict[str, tuple[set[str], float | None]]] = {rid: {} for rid in ids}
         for rid, msg_id, reached, delivered_at in self._store.execute(
@@ -572,25 +595,27 @@ class Ledger:
             known[rid][msg_id] = (set(reached.split(",")) - {""}, delivered_at)
         starts: dict[str, float] | None = None
         rows: dict[tuple[str, str], tuple[Any, ...]] = {}
-        v, normalised = self._v, self._normalised
+        v, labels_of, chains = self._v, self._normalised.labels, self._normalised.chains
+        counted, timed = self._counted.messages, v.timed
         for rid in ids:
             messages = known[rid]
             for update in updates[rid]:
-                msg_id = _storable(update.msg_id)
-                status, *labels = normalised.labels(update)
+                msg_id = update.msg_id if "\0" not in update.msg_id else _storable(update.msg_id)
+                status, conversation, kind = labels_of(update)
                 seen = msg_id in messages
-                reached, delivered_at = messages.get(msg_id, (set(), None))
-                new = [s for s in (status, *v.implies.get(status, ())) if s not in reached]
+                reached, delivered_at = messages[msg_id] if seen else (set(), None)
+                new = [s for s in chains[status] if s not in reached]
                 at = update.at if update.at is not None else now
                 for reached_status in new:
-                    self._counted.messages[account, reached_status, *labels] += 1
-                    if reached_status in v.timed and reached_status == status:
+                    counted[account, reached_status, conversation, kind] += 1
+                    if reached_status == status and status in timed:
                         if starts is None:
                             starts = self._starts(account, ids)
-                        self._observe(account, reached_status, max(0.0, at - starts.get(rid, now)))
+                        self._observe(account, status, max(0.0, at - starts.get(rid, now)))
                 if status == "delivered" and delivered_at is None:
                     delivered_at = at
-                reached = reached | set(new)
+                if new:
+                    reached = reached.union(new)
                 messages[msg_id] = (reached, delivered_at)
                 current = status if status != "unknown" or not seen else v.latest(reached)
                 rows[rid, msg_id] = (
@@ -872,6 +897,21 @@ def _add_counts(totals: dict[str, Totals], counted: _Counted) -> None:
         states[state] = states.get(state, 0) + change
 
 
+class _Replayable:
+    """An iterable read lazily inside the transaction, and again, from what was read, if the
+    transaction runs again."""
+
+    def __init__(self, items: Iterable[Any]):
+        self._rest = iter(items)
+        self._read: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._read
+        for item in self._rest:
+            self._read.append(item)
+            yield item
+
+
 class _Busy(Exception):
     """An account's lock is held by another replica, and the transaction was not to wait."""
 
@@ -918,4 +958,6 @@ class _Transaction:
             raise self._error(exc) from None
 
     def _error(self, exc: Exception) -> LedgerError:
-        return LedgerError(f"{self._failure}: {self._store.reason(exc)}")
+        return LedgerError(
+            f"{self._failure}: {self._store.reason(exc)}", again=self._store.again(exc)
+        )

@@ -67,7 +67,13 @@ SCHEMA = (
 
 
 class LedgerError(Exception):
-    """The store cannot be opened or written (path, permissions, a corrupt file, the server)."""
+    """The store cannot be opened or written (path, permissions, a corrupt file, the server).
+    `again`: the server undid the transaction only to break a deadlock or a conflict, and the
+    same transaction run again may well succeed."""
+
+    def __init__(self, message: str, *, again: bool = False):
+        super().__init__(message)
+        self.again = again
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,10 @@ class Store:
 
     def reason(self, error: Exception) -> str:
         return str(error)
+
+    def again(self, error: Exception) -> bool:
+        """Whether `error` only broke a deadlock or a conflict (see `LedgerError.again`)."""
+        return False
 
     def close(self) -> None:
         raise NotImplementedError
@@ -355,6 +365,14 @@ class PostgresStore(Store):
                 " DO UPDATE SET count = {p}request_counts.count + excluded.count"
             ),
             rows,
+        )
+
+    def again(self, error: Exception) -> bool:
+        """Replicas inserting the same new ids at once can deadlock on them (in sorted order
+        they rarely do); PostgreSQL then undoes one transaction, to be run again."""
+        return isinstance(
+            error,
+            (self._psycopg.errors.DeadlockDetected, self._psycopg.errors.SerializationFailure),
         )
 
     def reason(self, error: Exception) -> str:
