@@ -45,7 +45,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-from scale import Contention, cpu_seconds, py_spy, summarise_profile
+from scale import Contention, cpu_seconds, free_port, start_py_spy, stop_process, stop_py_spy
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
@@ -550,22 +549,10 @@ class Child:
         return events, messages
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
         log = self.log.read_text()
         if "Traceback" in log:
             print(f"  {self.log.stem} logged a traceback:\n{log[-3000:]}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Profiler:
@@ -573,43 +560,11 @@ class Profiler:
 
     def __init__(self, pid: int, output: Path):
         self.output = output
-        self.process = None
-        spy = py_spy()
-        if spy is None:
-            return
-        self.process = subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(pid),
-                "--rate",
-                "100",
-                "--nonblocking",
-                "--function",
-                "--format",
-                "raw",
-                "--output",
-                str(output),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.process = start_py_spy(pid, output)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            _, err = self.process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate()
-        if self.output.exists():
-            summarise_profile(self.output.read_text())
-        else:
-            print(f"py-spy wrote no profile: {' '.join(err.split())[-300:]}")
+        if self.process is not None:
+            stop_py_spy(self.process, self.output)
 
 
 # --- the baseline: a bare durable service -----------------------------------------------------

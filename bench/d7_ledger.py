@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import random
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -45,6 +43,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, run as a script
+
+from scale import free_port, stop_process
 
 from exporter.providers.d7 import Account
 from exporter.providers.d7.statuses import VOCABULARY, open_d7_ledger
@@ -196,9 +196,7 @@ class Exporter:
     rate_limit: {RATE_LIMIT}
 """
         )
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / "exporter.log"
         with self.log.open("w") as stderr:
@@ -220,13 +218,7 @@ class Exporter:
     def stop(self) -> None:
         """SIGTERM, as an operator would: the ledger is checkpointed and closed."""
         self.http.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
 
     def _alive(self) -> None:
         if self.process.poll() is not None:

@@ -55,8 +55,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, as a script
 
-from callbacks import free_port, ms, pct
-from scale import Contention, cpu_seconds, py_spy, short_frame
+from callbacks import ms, pct
+from scale import Contention, cpu_seconds, free_port, py_spy, short_frame, stop_process
 
 from tests import postgres
 
@@ -601,13 +601,7 @@ class Child:
         self.process.send_signal(signum)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
 
 
 class Replica:

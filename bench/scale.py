@@ -729,13 +729,7 @@ class Exporter:
 
     def __exit__(self, *exc: object) -> None:
         self.conn.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)  # a slow exporter may be mid-render: do not wait for long
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)  # a slow exporter may be mid-render: not for long
 
     def check(self) -> None:
         code = self.process.poll()
@@ -1150,6 +1144,58 @@ class CpuSampler:
         return self.values[max(0, min(index, len(self.values)) - 1)] if self.values else math.nan
 
 
+def stop_process(process: subprocess.Popen, grace: float, signum: int = signal.SIGTERM) -> None:
+    """`signum` (SIGTERM: as an operator stops it), and -9 if it is still running after
+    `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen | None:
+    """py-spy recording `pid` into `output` (raw, own time per function), or None without it."""
+    spy = py_spy()
+    if spy is None:
+        return None
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "100",
+            "--nonblocking",
+            "--function",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_py_spy(process: subprocess.Popen, output: Path) -> None:
+    """Ends the recording and prints its hot path."""
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+    if not output.exists():
+        print(f"py-spy wrote no profile: {' '.join(err.split())[-300:]}")
+        return
+    summarise_profile(output.read_text())
+
+
 class Profiler:
     """py-spy on the exporter (only with --profile) during one measurement: own time per
     function, the hot path."""
@@ -1164,29 +1210,9 @@ class Profiler:
     def __enter__(self) -> Profiler:
         if not self.ctx.profile:
             return self
-        spy = py_spy()
-        if spy is None:
-            return self
-        self.process = subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(self.pid),
-                "--rate",
-                "100",
-                "--nonblocking",
-                "--function",
-                "--format",
-                "raw",
-                "--output",
-                str(self.output),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        print(f"py-spy recording the exporter (pid {self.pid}) during {self.during}")
+        self.process = start_py_spy(self.pid, self.output)
+        if self.process is not None:
+            print(f"py-spy recording the exporter (pid {self.pid}) during {self.during}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1196,16 +1222,7 @@ class Profiler:
         if self.process is None:
             return
         process, self.process = self.process, None
-        process.send_signal(signal.SIGINT)
-        try:
-            _, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, err = process.communicate()
-        if not self.output.exists():
-            print(f"py-spy wrote no profile: {' '.join(err.split())[-300:]}")
-            return
-        summarise_profile(self.output.read_text())
+        stop_py_spy(process, self.output)
 
 
 def py_spy() -> str | None:
@@ -1315,13 +1332,7 @@ class Child:
     def stop(self) -> None:
         with contextlib.suppress(AttributeError):
             self.conn.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
 
     def get(self, path: str) -> dict:
         return json.loads(self.conn.get(path).body)
