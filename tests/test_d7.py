@@ -163,7 +163,23 @@ def test_webhook_events_flat_nested_and_batched_start_tracking(sim):
             == 404
         )
         bad = httpx.post(url, json=[flat, {"status": "read"}], headers=AUTH)
-        assert bad.status_code == 422 and "event[1]" in bad.json()["error"]
+        assert bad.status_code == 422 and "event[1]: request_id" in bad.json()["error"]
+        refused = {
+            "not json": httpx.post(url, content=b'[{"status": ', headers=AUTH),
+            "empty list": httpx.post(url, json=[], headers=AUTH),
+            "too many": httpx.post(url, json=[flat] * 1001, headers=AUTH),
+            "no object": httpx.post(url, json="delivered", headers=AUTH),
+            "bad field": httpx.post(url, json={**flat, "status": 5}, headers=AUTH),
+        }
+        assert {
+            k: (r.status_code, r.json()["error"].split(":")[0]) for k, r in refused.items()
+        } == {
+            "not json": (400, "the body is not JSON"),
+            "empty list": (422, "send 1 to 1000 events at a time, not 0"),
+            "too many": (422, "send 1 to 1000 events at a time, not 1001"),
+            "no object": (422, "event[0]"),
+            "bad field": (422, "event[0]"),
+        }
         # an answer means stored; /metrics shows it at the next coalesced publication
         wait_for(lambda: tracked(running, "pending") == 2, 10, "both requests to be shown")
         series = running.scrape()
