@@ -258,6 +258,34 @@ def test_a_closed_ledger_still_commits_what_was_queued(tmp_path):
     reopened.close()
 
 
+def test_rows_written_at_once_keep_their_ids_and_the_first_send_time(ledger_location):
+    """SQLite takes a batch's rows as one JSON array (`Store.many`): ids that look like numbers,
+    carry quotes, backslashes or other scripts stay the text they were, and of two send times
+    of one request in one batch the first is the one its delivery time starts from."""
+    ledger = open_ledger(ledger_location, vocabulary=CHAT)
+    odd = ["123", "1e3", 'say "hi"', "back\\slash", "ünïcødé ✓", "null", "[1]"]
+    now = time.time()
+    batch = [
+        (rid, MessageUpdate(f"m-{rid}", "sent", "marketing", "", now - 100), now - 100)
+        for rid in odd
+    ]
+    batch.append(("123", MessageUpdate("m-123", "sent", "marketing", "", now - 50), now - 50))
+    ledger.report("a", batch, SCHEDULE).result()
+    assert ledger.add("a", odd, SCHEDULE).result() == 0, "an id was stored as something else"
+    ledger.report(
+        "a", [("123", MessageUpdate("m-123", "delivered", "", "", now), None)], SCHEDULE
+    ).result()
+    due = ledger.due("a", 100)
+    time.sleep(1.1)  # SCHEDULE.first: every id comes due
+    ids = sorted(d.request_id for d in ledger.due("a", 100).result())
+    assert ids == sorted(odd) and all(type(i) is str for i in ids)
+    assert due.result() == []
+    totals = ledger.totals()["a"]
+    assert totals.messages[("sent", "marketing", "unknown")] == len(odd)
+    assert totals.sums["delivered"] == pytest.approx(100, abs=0.01)
+    ledger.close()
+
+
 def test_a_webhook_only_provider_settles_a_message_by_its_final_status(tmp_path):
     hooks = Vocabulary(**{**CHAT.__dict__, "settled_by_webhooks": True})
     ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=hooks)

@@ -107,6 +107,8 @@ class Store:
     schema: ClassVar[tuple[str, ...]] = ()  # the backend's own tables, after SCHEMA
     state_counts: ClassVar[str]  # a query of (account, state, count)
     in_list: ClassVar[str]  # `column <in_list>` matches the values `pack` made one parameter
+    # `many` takes its rows as one JSON array, which the statement reads with json_each
+    rows_as_json: ClassVar[bool] = False
     errors: tuple[type[Exception], ...]
     where: str  # for messages: never a secret
     names: Names
@@ -127,6 +129,10 @@ class Store:
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         """Runs `sql` once per row; returns how many rows it changed."""
         raise NotImplementedError
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """A statement `_Statements.each` made, for all these rows; how many it changed."""
+        return self.executemany(sql, rows)
 
     def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         """A write transaction that may change these accounts' statuses, or (None) the whole
@@ -167,6 +173,9 @@ class SQLiteStore(Store):
         "SELECT account, state, COUNT(*) FROM {p}requests GROUP BY account, state"
     )
     in_list: ClassVar = "IN (SELECT value FROM json_each(?))"
+    # a burst's rows in one step of one statement: executemany binds and steps each row,
+    # taking and dropping the interpreter's lock each time, while the event loop wants it too
+    rows_as_json: ClassVar = True
     errors = (sqlite3.Error,)
 
     def __init__(self, path: str | Path, names: Names, title: str = "the"):
@@ -189,6 +198,9 @@ class SQLiteStore(Store):
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         return self._db.executemany(sql, rows).rowcount
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return self._db.execute(sql, (json.dumps(rows),)).rowcount
 
     def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         self._db.execute("BEGIN IMMEDIATE")  # one writer at a time for the whole file
