@@ -92,6 +92,8 @@ class Exporter:
         self._election: Election | None = None
         self._config: Config | None = None
         self.states: dict[str, ProviderState] = {}
+        self._all_routes: list[Route] | None = None
+        self._accounts_of: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
@@ -267,11 +269,22 @@ class Exporter:
             self.snapshot.follow(name, functools.partial(self._state_families, name))
 
     def _accounts(self, provider: str) -> dict[str, Any]:
+        """The running config's accounts of a provider by name: asked on every ingest request,
+        so made once per config."""
         config = self._config
-        return {a.account: a for a in getattr(config, provider, [])} if config else {}
+        if config is None:
+            return {}
+        made, accounts = self._accounts_of.get(provider, (None, {}))
+        if made is not config:
+            accounts = {a.account: a for a in getattr(config, provider, [])}
+            self._accounts_of[provider] = (config, accounts)
+        return accounts
 
     def _routes(self) -> list[Route]:
-        return [route for state in self.states.values() for route in state.routes()]
+        """Asked on every request; the states, and so their routes, are fixed once opened."""
+        if self._all_routes is None:
+            self._all_routes = [r for state in self.states.values() for r in state.routes()]
+        return self._all_routes
 
     def _state_changed_from_any_thread(self, name: str) -> None:
         """Only marks the state's families outdated: they are rendered once, at the next

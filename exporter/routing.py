@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class Request:
     method: str
     path: str
-    headers: Mapping[str, str]  # lower-case names
+    headers: Mapping[str, str]  # names in any case (aiohttp's case-insensitive mapping)
     body: bytes
 
 

@@ -271,8 +271,7 @@ class WebServer:
         body = await _read_body(request) if method not in ("GET", "HEAD") else b""
         if isinstance(body, Response):
             return _web(body)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        return _web(await route.handler(Request(method, path, headers, body)))
+        return _web(await route.handler(Request(method, path, request.headers, body)))
 
     async def _reload_request(self, request: web.Request) -> Response:
         if not self._lifecycle:
@@ -325,6 +324,8 @@ async def _read_body(request: web.Request) -> bytes | Response:
             {"error": f"body of {request.content_length} bytes is over the limit of {MAX_BODY}"},
         )
     try:
+        if request.content.is_eof():  # all of it came with the headers: no timer to set
+            return await request.read()
         async with asyncio.timeout(BODY_TIMEOUT):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -212,7 +212,7 @@ class _Counted:
         return {key[0] for counts in (self.messages, self.observed, self.states) for key in counts}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     """One call, run by the writer. `accounts`: whose statuses it may change (their locks), or
     None for the whole ledger. Jobs with the same `merge` key run as one (`run` takes all their
