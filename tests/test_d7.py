@@ -430,3 +430,27 @@ def test_ingest_counts_ids_new_known_and_refused(sim):
         for result in ("new", "known", "refused")
     }
     assert counted == {"new": 4, "known": 1, "refused": 2}
+
+
+def test_a_reload_changes_who_may_hand_in_at_once(sim, tmp_path):
+    """The ingest path keeps the accounts map of the running config: a reload that adds an
+    account and changes a token takes effect with the reload's answer."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config(sim))
+    with run_exporter(path) as running:
+        assert hand_in(running, ["a-1"], account="new").status_code == 404
+        path.write_text(
+            config(sim).replace("other-secret", "other-rotated")
+            + f"""  - account: new
+    base_url: {sim.base_url}
+    token: demo-token
+    ingest_token: new-secret
+"""
+        )
+        assert httpx.post(f"{running.url}/-/reload", timeout=10).status_code == 200
+        new = {"Authorization": "Bearer new-secret"}
+        assert hand_in(running, ["a-1"], account="new", headers=new).status_code == 202
+        old = {"Authorization": "Bearer other-secret"}
+        assert hand_in(running, ["a-2"], account="other", headers=old).status_code == 401
+        rotated = {"Authorization": "Bearer other-rotated"}
+        assert hand_in(running, ["a-2"], account="other", headers=rotated).status_code == 202
