@@ -6,6 +6,7 @@ once per status however often a status is repeated, keeps pending messages until
 or `expire_after`, and prunes what is done. See docs/architecture.md, "Delivery tracking".
 """
 
+from exporter.tracking.families import Shown, families
 from exporter.tracking.ledger import (
     BUCKETS,
     STATES,
@@ -30,7 +31,9 @@ __all__ = [
     "Names",
     "Pending",
     "Schedule",
+    "Shown",
     "Totals",
     "Vocabulary",
+    "families",
     "open_ledger",
 ]

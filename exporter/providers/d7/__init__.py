@@ -36,17 +36,9 @@ from exporter.providers.base import (
 )
 from exporter.providers.d7.account import Account
 from exporter.providers.d7.ingest import Ingest
-from exporter.providers.d7.statuses import open_d7_ledger
+from exporter.providers.d7.statuses import SHOWN, open_d7_ledger
 from exporter.routing import Route
-from exporter.tracking import (
-    BUCKETS,
-    STATES,
-    Ledger,
-    LedgerError,
-    MessageUpdate,
-    Pending,
-    Totals,
-)
+from exporter.tracking import Ledger, LedgerError, MessageUpdate, Pending, Totals, families
 
 log = logging.getLogger(__name__)
 
@@ -228,53 +220,8 @@ def cycle_families(target: str, result: Cycle) -> list[Family]:
 
 
 def ledger_families(totals: Mapping[str, Totals], accounts: Iterable[str] = ()) -> list[Family]:
-    """whatsapp_messages_total, whatsapp_tracked_requests, whatsapp_message_delivery_seconds;
-    every account in `accounts` is shown, at 0 until the ledger knows it."""
-    messages, tracked, delivery = [], [], []
-    for account in sorted({*totals, *accounts}):
-        t = totals.get(account) or Totals()
-        base = (("provider", "d7"), ("account", account))
-        for (status, conversation, kind), count in sorted(t.messages.items()):
-            labels = (
-                *base,
-                ("status", status),
-                ("conversation_type", conversation),
-                ("message_type", kind),
-            )
-            messages.append(Sample(labels, float(count), "_total"))
-        for state in STATES:
-            tracked.append(Sample((*base, ("state", state)), float(t.states.get(state, 0))))
-        for status in sorted(t.buckets):
-            counts, running = t.buckets[status], 0
-            labels = (*base, ("status", status))
-            for bound, count in zip((*BUCKETS, math.inf), counts, strict=True):
-                running += count
-                le = "+Inf" if bound == math.inf else f"{float(bound)}"
-                delivery.append(Sample((*labels, ("le", le)), float(running), "_bucket"))
-            delivery.append(Sample(labels, float(running), "_count"))
-            delivery.append(Sample(labels, t.sums.get(status, 0.0), "_sum"))
-    return [
-        Family(
-            "whatsapp_messages",
-            "counter",
-            "D7 messages that reached a status, each counted "
-            "once per status (read implies delivered implies sent).",
-            tuple(messages),
-        ),
-        Family(
-            "whatsapp_tracked_requests",
-            "gauge",
-            "D7 request ids in the exporter's ledger by state.",
-            tuple(tracked),
-        ),
-        Family(
-            "whatsapp_message_delivery_seconds",
-            "histogram",
-            "Seconds from a D7 request's "
-            "send (or its hand-in to the exporter) to a message's delivered and read status.",
-            tuple(delivery),
-        ),
-    ]
+    """whatsapp_messages_total, whatsapp_tracked_requests, whatsapp_message_delivery_seconds."""
+    return families(SHOWN, totals, accounts)
 
 
 class Tracking:

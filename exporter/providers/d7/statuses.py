@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.tracking import Ledger, Names, Vocabulary, open_ledger
+from exporter.tracking import Ledger, Names, Shown, Vocabulary, open_ledger
 
 STATUSES = (
     "processed",
@@ -30,6 +30,16 @@ VOCABULARY = Vocabulary(
     # the tables and lock keys D7's ledger had before the room was shared: kept, so that an
     # existing database goes on as it was
     names=Names(prefix="", namespace=b"D7LG"),
+)
+
+SHOWN = Shown(
+    provider="d7",
+    tracked="requests",
+    messages_help="D7 messages that reached a status, each counted once per status (read implies "
+    "delivered implies sent).",
+    tracked_help="D7 request ids in the exporter's ledger by state.",
+    delivery_help="Seconds from a D7 request's send (or its hand-in to the exporter) to a "
+    "message's delivered and read status.",
 )
 
 
