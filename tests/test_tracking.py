@@ -339,8 +339,10 @@ def test_normalising_remembers_only_a_bounded_number_of_short_values():
         "marketing",
         "unknown",
     )
-    assert all(len(memo) <= normalised.MEMO for memo in normalised._memo)
+    memos = (*normalised._memo, normalised._triples)
+    assert all(len(memo) <= normalised.MEMO for memo in memos)
     assert all(len(raw) <= normalised.LONGEST for memo in normalised._memo for raw in memo)
+    assert all(len(r) <= normalised.LONGEST for raw in normalised._triples for r in raw)
 
 
 class DeadlockOnce(SQLiteStore):

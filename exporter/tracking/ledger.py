@@ -154,6 +154,7 @@ class _Normalised:
     def __init__(self, vocabulary: Vocabulary):
         self._v = vocabulary
         self._memo: tuple[dict[Any, str], dict[Any, str], dict[Any, str]] = ({}, {}, {})
+        self._triples: dict[tuple[Any, Any, Any], tuple[str, str, str]] = {}  # of short values
         # each status with the ones it implies, in the order they are counted
         self.chains = {
             status: (status, *vocabulary.implies.get(status, ()))
@@ -161,13 +162,23 @@ class _Normalised:
         }
 
     def labels(self, update: MessageUpdate) -> tuple[str, str, str]:
-        """(status, conversation_type, message_type)."""
+        """(status, conversation_type, message_type): one look-up for a combination seen
+        before, which is nearly every event of a burst."""
+        raw = update[1:4]
+        found = self._triples.get(raw)
+        if found is not None:
+            return found
         v, (statuses, conversations, kinds) = self._v, self._memo
-        return (
+        found = (
             self._once(statuses, update.status, v.status),
             self._once(conversations, update.conversation_type, _bounded, v.conversation_types),
             self._once(kinds, update.message_type, _bounded, v.message_types),
         )
+        if len(self._triples) < self.MEMO and all(
+            type(r) is str and len(r) <= self.LONGEST for r in raw
+        ):
+            self._triples[raw] = found
+        return found
 
     def _once(self, memo: dict[Any, str], raw: Any, work: Callable[..., str], *more: Any) -> str:
         found = memo.get(raw) if type(raw) is str else None
@@ -514,8 +525,9 @@ class Ledger:
             for given_id, update, sent_at in batch
         ]
         ids = sorted({request_id for request_id, _, _ in events})  # (sorted: see `_add`)
+        next_poll = now + schedule.first
         inserted = self._store.many(
-            self._sql.insert_request, [(account, rid, now, now + schedule.first) for rid in ids]
+            self._sql.insert_request, [(account, rid, now, next_poll) for rid in ids]
         )
         self._counted.states[account, "pending"] += inserted
         first_sent: dict[str, float] = {}
