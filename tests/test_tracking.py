@@ -10,6 +10,7 @@ one PostgreSQL database without touching each other's rows.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -283,6 +284,32 @@ def test_rows_written_at_once_keep_their_ids_and_the_first_send_time(ledger_loca
     totals = ledger.totals()["a"]
     assert totals.messages[("sent", "marketing", "unknown")] == len(odd)
     assert totals.sums["delivered"] == pytest.approx(100, abs=0.01)
+    ledger.close()
+
+
+def test_per_id_statements_find_each_id_by_its_key(tmp_path):
+    """A statement a batch runs for its ids finds each one by (account, id), never by walking
+    the account's rows: joined to json_each without care, SQLite's planner once chose to walk
+    every id of the account for each row of the batch, 2 ms an event at 20,000 ids."""
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    db, sql = ledger._store._db, ledger._sql
+    per_id = {
+        "insert_request": sql.insert_request,
+        "set_sent_at": sql.set_sent_at,
+        "upsert_message": sql.upsert_message,
+        "messages_of": sql.messages_of,
+        "starts": sql.starts,
+        "finish": sql.finish,
+        "reschedule": sql.reschedule,
+    }
+    for name, statement in per_id.items():
+        count = max(int(n) for n in re.findall(r"\?(\d+)", statement) or ["0"])
+        count = max(count, statement.count("?"))
+        plan = " | ".join(
+            row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", ["x"] * count)
+        )
+        walks = re.search(r"SCAN chat_(requests|messages)|\(account=\?\)", plan)
+        assert walks is None, f"{name} walks rows: {plan}"
     ledger.close()
 
 

@@ -507,11 +507,8 @@ class Ledger:
         now = self._clock()
         # sorted: every transaction takes new ids' index entries in the same order, so two
         # replicas inserting the same ids do not deadlock on them
-        rows = [
-            (account, rid, now, now + schedule.first)
-            for rid in sorted({_storable(rid) for rid in request_ids})
-        ]
-        new = self._store.many(self._sql.insert_request, rows)
+        rows = [(rid,) for rid in sorted({_storable(rid) for rid in request_ids})]
+        new = self._store.many(self._sql.insert_request, (account, now, now + schedule.first), rows)
         self._counted.states[account, "pending"] += new
         return new
 
@@ -525,18 +522,17 @@ class Ledger:
             for given_id, update, sent_at in batch
         ]
         ids = sorted({request_id for request_id, _, _ in events})  # (sorted: see `_add`)
-        next_poll = now + schedule.first
         inserted = self._store.many(
-            self._sql.insert_request, [(account, rid, now, next_poll) for rid in ids]
+            self._sql.insert_request, (account, now, now + schedule.first), [(r,) for r in ids]
         )
         self._counted.states[account, "pending"] += inserted
         first_sent: dict[str, float] = {}
         for rid, _, at in events:
             if at is not None:
                 first_sent.setdefault(rid, at)
-        sent = [(first_sent[rid], account, rid) for rid in sorted(first_sent)]
+        sent = [(rid, first_sent[rid]) for rid in sorted(first_sent)]
         if sent:
-            self._store.many(self._sql.set_sent_at, sent)
+            self._store.many(self._sql.set_sent_at, (account,), sent)
         by_request: dict[str, list[MessageUpdate]] = defaultdict(list)
         for request_id, update, _ in events:
             by_request[request_id].append(update)
@@ -633,7 +629,6 @@ class Ledger:
                 messages[msg_id] = (reached, delivered_at)
                 current = status if status != "unknown" or not seen else v.latest(reached)
                 rows[rid, msg_id] = (
-                    account,
                     rid,
                     msg_id,
                     current,
@@ -641,7 +636,7 @@ class Ledger:
                     delivered_at,
                 )
         if rows:
-            self._store.many(self._sql.upsert_message, list(rows.values()))
+            self._store.many(self._sql.upsert_message, (account,), list(rows.values()))
         return known
 
     def _starts(self, account: str, ids: Sequence[str]) -> dict[str, float]:
@@ -782,24 +777,28 @@ class _Statements:
             return names.sql(text.replace("<in>", store.in_list))
 
         def each(text: str, json_rows: str) -> str:
-            """A statement for `Store.many`: `text`, with a `?` per column, run once per row;
-            or, where the store takes the rows as one JSON array, `json_rows` reading them
-            (`r.value ->> i`: row r's i-th column) from `json_each(?) AS r`."""
+            """A statement for `Store.many`: `text`, with a `?` per column, run once per row
+            (the shared values first); or, where the store takes the rows as one JSON array,
+            `json_rows`, with a `?` per shared value and then `json_each(?) AS r` (`r.value ->>
+            i`: a row's i-th value)."""
             return sql(json_rows if store.rows_as_json else text)
 
         self.insert_request = each(
-            "INSERT INTO {p}requests (account, request_id, accepted_at, next_poll_at)"
+            "INSERT INTO {p}requests (account, accepted_at, next_poll_at, request_id)"
             " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            "INSERT INTO {p}requests (account, request_id, accepted_at, next_poll_at)"
-            " SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3"
-            " FROM json_each(?) AS r WHERE true ON CONFLICT DO NOTHING",
+            "INSERT INTO {p}requests (account, accepted_at, next_poll_at, request_id)"
+            " SELECT ?, ?, ?, r.value ->> 0 FROM json_each(?) AS r WHERE true"
+            " ON CONFLICT DO NOTHING",
         )
         self.set_sent_at = each(
-            "UPDATE {p}requests SET sent_at = COALESCE(sent_at, ?)"
-            " WHERE account = ? AND request_id = ?",
-            "UPDATE {p}requests SET sent_at = COALESCE(sent_at, r.value ->> 0)"
-            " FROM json_each(?) AS r"
-            " WHERE account = r.value ->> 1 AND request_id = r.value ->> 2",
+            "UPDATE {p}requests AS q SET sent_at = COALESCE(q.sent_at, v.at)"
+            " FROM (VALUES (?, ?, ?)) AS v (account, request_id, at)"
+            " WHERE q.account = v.account AND q.request_id = v.request_id",
+            # (the rows made a table first: joined to json_each directly, SQLite's planner
+            # walks every id of the account for each row instead of finding each row's id)
+            "WITH v AS MATERIALIZED (SELECT r.value ->> 0 AS id, r.value ->> 1 AS at"
+            " FROM json_each(?2) AS r) UPDATE {p}requests SET sent_at = COALESCE(sent_at, v.at)"
+            " FROM v WHERE account = ?1 AND request_id = v.id",
         )
         self.due = sql(
             "SELECT request_id, accepted_at, attempts, not_found_since FROM {p}requests"
@@ -824,9 +823,8 @@ class _Statements:
         )
         self.upsert_message = each(
             "INSERT INTO {p}messages VALUES (?, ?, ?, ?, ?, ?)" + upsert,
-            "INSERT INTO {p}messages SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2,"
-            " r.value ->> 3, r.value ->> 4, r.value ->> 5 FROM json_each(?) AS r WHERE true"
-            + upsert,
+            "INSERT INTO {p}messages SELECT ?, r.value ->> 0, r.value ->> 1, r.value ->> 2,"
+            " r.value ->> 3, r.value ->> 4 FROM json_each(?) AS r WHERE true" + upsert,
         )
         self.reschedule = sql(
             "UPDATE {p}requests SET attempts = attempts + 1, next_poll_at = ?, not_found_since = ?"

@@ -130,9 +130,10 @@ class Store:
         """Runs `sql` once per row; returns how many rows it changed."""
         raise NotImplementedError
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-        """A statement `_Statements.each` made, for all these rows; how many it changed."""
-        return self.executemany(sql, rows)
+    def many(self, sql: str, same: Sequence[Any], rows: Sequence[Sequence[Any]]) -> int:
+        """A statement `_Statements.each` made, for all these rows, each preceded by the
+        values all of them share; how many rows it changed."""
+        return self.executemany(sql, [(*same, *row) for row in rows])
 
     def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         """A write transaction that may change these accounts' statuses, or (None) the whole
@@ -199,8 +200,9 @@ class SQLiteStore(Store):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         return self._db.executemany(sql, rows).rowcount
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-        return self._db.execute(sql, (json.dumps(rows),)).rowcount
+    def many(self, sql: str, same: Sequence[Any], rows: Sequence[Sequence[Any]]) -> int:
+        # the shared values as parameters: a float in JSON costs its repr, 0.3 us a time
+        return self._db.execute(sql, (*same, json.dumps(rows))).rowcount
 
     def begin(self, accounts: Sequence[str] | None, *, wait: bool = True) -> bool:
         self._db.execute("BEGIN IMMEDIATE")  # one writer at a time for the whole file
