@@ -160,6 +160,18 @@ class _Normalised:
             status: (status, *vocabulary.implies.get(status, ()))
             for status in (*vocabulary.statuses, "unknown")
         }
+        self.reached = {status: frozenset(chain) for status, chain in self.chains.items()}
+        # statuses reached, as the messages table keeps them: subsets of the vocabulary's
+        # statuses and "unknown", a few hundred at most (and at most MEMO remembered)
+        self._texts: dict[frozenset[str], str] = {}
+
+    def text(self, reached: frozenset[str]) -> str:
+        found = self._texts.get(reached)
+        if found is None:
+            found = ",".join(sorted(reached))
+            if len(self._texts) < self.MEMO:
+                self._texts[reached] = found
+        return found
 
     def labels(self, update: MessageUpdate) -> tuple[str, str, str]:
         """(status, conversation_type, message_type): one look-up for a combination seen
@@ -516,26 +528,27 @@ class Ledger:
         """Every queued webhook call of one account, as one."""
         account, _, schedule = calls[0]
         now = self._clock()
-        events = [
-            (_storable(given_id), update, sent_at)
-            for _, batch, _ in calls
-            for given_id, update, sent_at in batch
-        ]
-        ids = sorted({request_id for request_id, _, _ in events})  # (sorted: see `_add`)
+        # one pass over the events: each request's updates and its first send time
+        by_request: dict[str, list[MessageUpdate]] = {}
+        first_sent: dict[str, float] = {}
+        for _, batch, _ in calls:
+            for given_id, update, sent_at in batch:
+                rid = given_id if "\0" not in given_id else _storable(given_id)
+                found = by_request.get(rid)
+                if found is None:
+                    by_request[rid] = [update]
+                else:
+                    found.append(update)
+                if sent_at is not None and rid not in first_sent:
+                    first_sent[rid] = sent_at
+        ids = sorted(by_request)  # (sorted: see `_add`)
         inserted = self._store.many(
             self._sql.insert_request, (account, now, now + schedule.first), [(r,) for r in ids]
         )
         self._counted.states[account, "pending"] += inserted
-        first_sent: dict[str, float] = {}
-        for rid, _, at in events:
-            if at is not None:
-                first_sent.setdefault(rid, at)
-        sent = [(rid, first_sent[rid]) for rid in sorted(first_sent)]
-        if sent:
+        if first_sent:
+            sent = [(rid, first_sent[rid]) for rid in sorted(first_sent)]
             self._store.many(self._sql.set_sent_at, (account,), sent)
-        by_request: dict[str, list[MessageUpdate]] = defaultdict(list)
-        for request_id, update, _ in events:
-            by_request[request_id].append(update)
         messages = self._apply(account, by_request, now)
         if self._v.settled_by_webhooks:
             done = [rid for rid, m in messages.items() if self._settled(m, now, schedule)]
@@ -592,20 +605,26 @@ class Ledger:
 
     def _apply(
         self, account: str, updates: Mapping[str, Sequence[MessageUpdate]], now: float
-    ) -> dict[str, dict[str, tuple[set[str], float | None]]]:
+    ) -> dict[str, dict[str, tuple[frozenset[str], float | None]]]:
         """Count, once each, the statuses (and the ones they imply) not seen before. Returns,
         per request, its messages by id as (statuses reached, when delivered), after the
         updates. Two reads and one write for any number of requests; the loop runs once per
         event of a burst, so what it needs is bound to locals first."""
         ids = list(updates)
-        known: dict[str, dict[str, tuple[set[str], float | None]]] = {rid: {} for rid in ids}
+        known: dict[str, dict[str, tuple[frozenset[str], float | None]]] = {rid: {} for rid in ids}
         for rid, msg_id, reached, delivered_at in self._store.execute(
             self._sql.messages_of, (account, self._store.pack(ids))
         ).fetchall():
-            known[rid][msg_id] = (set(reached.split(",")) - {""}, delivered_at)
+            known[rid][msg_id] = (frozenset(reached.split(",")) - {""}, delivered_at)
         starts: dict[str, float] | None = None
         rows: dict[tuple[str, str], tuple[Any, ...]] = {}
-        v, labels_of, chains = self._v, self._normalised.labels, self._normalised.chains
+        v, normalised = self._v, self._normalised
+        labels_of, chains, chain_sets, text = (
+            normalised.labels,
+            normalised.chains,
+            normalised.reached,
+            normalised.text,
+        )
         counted, timed = self._counted.messages, v.timed
         for rid in ids:
             messages = known[rid]
@@ -613,8 +632,13 @@ class Ledger:
                 msg_id = update.msg_id if "\0" not in update.msg_id else _storable(update.msg_id)
                 status, conversation, kind = labels_of(update)
                 seen = msg_id in messages
-                reached, delivered_at = messages[msg_id] if seen else (set(), None)
-                new = [s for s in chains[status] if s not in reached]
+                if seen:
+                    reached, delivered_at = messages[msg_id]
+                    new = [s for s in chains[status] if s not in reached]
+                    if new:
+                        reached = reached | chain_sets[status]
+                else:  # (a burst's usual case: all of its chain is new)
+                    reached, delivered_at, new = chain_sets[status], None, chains[status]
                 at = update.at if update.at is not None else now
                 for reached_status in new:
                     counted[account, reached_status, conversation, kind] += 1
@@ -624,17 +648,9 @@ class Ledger:
                         self._observe(account, status, max(0.0, at - starts.get(rid, now)))
                 if status == "delivered" and delivered_at is None:
                     delivered_at = at
-                if new:
-                    reached = reached.union(new)
                 messages[msg_id] = (reached, delivered_at)
                 current = status if status != "unknown" or not seen else v.latest(reached)
-                rows[rid, msg_id] = (
-                    rid,
-                    msg_id,
-                    current,
-                    ",".join(sorted(reached)),
-                    delivered_at,
-                )
+                rows[rid, msg_id] = (rid, msg_id, current, text(reached), delivered_at)
         if rows:
             self._store.many(self._sql.upsert_message, (account,), list(rows.values()))
         return known
@@ -650,7 +666,10 @@ class Ledger:
         self._counted.seconds[account, status, bucket] += seconds
 
     def _settled(
-        self, messages: Mapping[str, tuple[set[str], float | None]], now: float, schedule: Schedule
+        self,
+        messages: Mapping[str, tuple[frozenset[str], float | None]],
+        now: float,
+        schedule: Schedule,
     ) -> bool:
         """Done when every message is final, or delivered and `final_after` has passed."""
         final = self._v.final
