@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -132,6 +133,64 @@ def read_secret_file(path: Any) -> Any:
 
 
 SecretFile = Annotated[SecretStr | None, BeforeValidator(read_secret_file)]
+
+
+# --- HTTP headers an operator configures (a proxy's or provider's own auth) ---------------------
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
+
+
+def json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, Sequence) else "an object"
+
+
+def header_names(names: Iterable[str]) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        if not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise ValueError(f"{first!r} and {name!r} are the same header")
+
+
+def _header_value(value: SecretStr) -> SecretStr:
+    """Checked at load because the HTTP client rejects a bad value only when it sends it."""
+    text = value.get_secret_value().strip()
+    if not text:
+        raise ValueError("the value is empty")
+    if not _HEADER_VALUE.match(text):
+        raise ValueError("the value must be printable ASCII on one line")
+    return SecretStr(text)
+
+
+def _text(value: Any) -> Any:
+    """YAML reads an unquoted `12345` or `yes` as a number or boolean: ask for quotes, not guess."""
+    if value is None:
+        raise ValueError("is empty")
+    if not isinstance(value, str | SecretStr):
+        raise ValueError(f"must be text, not {json_kind(value)}: put it in quotes")
+    return value
+
+
+def _header_file(path: Any) -> Any:
+    if path is None:
+        raise ValueError("must be the path of a file")
+    return read_secret_file(_text(path))
+
+
+HeaderValue = Annotated[SecretStr, BeforeValidator(_text), AfterValidator(_header_value)]
+# a path in the config; once loaded, the stripped content of that file (a secret)
+HeaderFile = Annotated[SecretStr, BeforeValidator(_header_file), AfterValidator(_header_value)]
 
 
 def secret_problems(data: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
