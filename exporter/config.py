@@ -193,15 +193,19 @@ HeaderValue = Annotated[SecretStr, BeforeValidator(_text), AfterValidator(_heade
 HeaderFile = Annotated[SecretStr, BeforeValidator(_header_file), AfterValidator(_header_value)]
 
 
-def secret_problems(data: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
-    """Each secret is given exactly once: inline (`token`) or as a file (`token_file`)."""
+def secret_problems(
+    data: Mapping[str, Any], names: tuple[str, ...], *, required: bool = True
+) -> list[str]:
+    """Each secret is given exactly once: inline (`token`) or as a file (`token_file`); an
+    optional one at most once."""
     problems = []
     for name in names:
         inline, path = data.get(name), data.get(f"{name}_file")
         if inline is not None and path is not None:
             problems.append(f"give either {name} or {name}_file, not both")
         elif inline is None and path is None:
-            problems.append(f"{name} or {name}_file is required")
+            if required:
+                problems.append(f"{name} or {name}_file is required")
         elif inline is not None and not str(
             inline.get_secret_value() if isinstance(inline, SecretStr) else inline
         ):
@@ -275,10 +279,11 @@ class AccountBase(Strict):
     """What every provider account has; provider modules subclass it with their own keys.
 
     `SECRETS` names the secret keys: each is given as `name` or `name_file`, and after load the
-    secret is in `name` either way.
+    secret is in `name` either way. `OPTIONAL_SECRETS` likewise, but they may be left out.
     """
 
     SECRETS: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL_SECRETS: ClassVar[tuple[str, ...]] = ()
 
     account: str
     base_url: str
@@ -323,13 +328,19 @@ class AccountBase(Strict):
 
     @model_validator(mode="after")
     def _one_of_each_secret(self) -> AccountBase:
-        problems = secret_problems(self.__dict__, self.SECRETS)
+        problems = all_secret_problems(self.__dict__, type(self))
         if problems:
             raise ValueError("; ".join(problems))
-        for name in self.SECRETS:
+        for name in (*self.SECRETS, *self.OPTIONAL_SECRETS):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(self, f"{name}_file"))
         return self
+
+
+def all_secret_problems(data: Mapping[str, Any], model: type[AccountBase]) -> list[str]:
+    return secret_problems(data, model.SECRETS) + secret_problems(
+        data, model.OPTIONAL_SECRETS, required=False
+    )
 
 
 class Config(Strict):
@@ -531,7 +542,7 @@ def _raw_secret_problems(
         accounts = data.get(provider)
         for index, raw in enumerate(accounts if isinstance(accounts, list) else []):
             if isinstance(raw, dict):
-                problems = secret_problems(raw, model.SECRETS)
+                problems = all_secret_problems(raw, model)
                 if problems:
                     found.append(((provider, index), "; ".join(problems)))
     return found

@@ -30,7 +30,7 @@ import pydantic
 from exporter.config import AccountBase, Defaults, RateLimit
 from exporter.exposition import safe_text
 from exporter.metrics import REASONS, Family
-from exporter.ratelimit import RequestBudget
+from exporter.ratelimit import Paused, RequestBudget
 from exporter.routing import Route
 
 POLLED = "Polled in the background; up to one poll interval old."
@@ -306,24 +306,32 @@ class Api:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
-        async with self.gate, self.budget.slot(), self.pacer:
-            try:
-                async with asyncio.timeout(self.deadline):
-                    answered = await self._read(
-                        self.client.request(
-                            method, path, params=params, json_body=json_body, headers=headers
+        try:
+            async with self.gate, self.budget.slot(patience=self.deadline), self.pacer:
+                try:
+                    async with asyncio.timeout(self.deadline):
+                        answered = await self._read(
+                            self.client.request(
+                                method, path, params=params, json_body=json_body, headers=headers
+                            )
                         )
-                    )
-            except TimeoutError:  # aiohttp's own (connect, each read) are TimeoutErrors too
-                raise PollError(
-                    "timeout", f"no complete answer within {self.deadline:g}s"
-                ) from None
-            except aiohttp.ClientSSLError as exc:
-                raise PollError("connect", f"TLS: {_ssl_reason(exc)}") from None
-            except aiohttp.ClientError as exc:
-                raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
-            except ssl.SSLError as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
-                raise PollError("connect", f"TLS: {exc.reason or exc}") from None
+                except TimeoutError:  # aiohttp's own (connect, each read) are TimeoutErrors too
+                    raise PollError(
+                        "timeout", f"no complete answer within {self.deadline:g}s"
+                    ) from None
+                except aiohttp.ClientSSLError as exc:
+                    raise PollError("connect", f"TLS: {_ssl_reason(exc)}") from None
+                except aiohttp.ClientError as exc:
+                    raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
+                except (
+                    ssl.SSLError
+                ) as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
+                    raise PollError("connect", f"TLS: {exc.reason or exc}") from None
+        except Paused as paused:  # the provider's own pause outlasts this request's deadline
+            raise PollError(
+                "rate_limited",
+                f"the provider asked for a pause: {paused.seconds:.0f}s left, nothing sent",
+            ) from None
         seen = ANSWERS.get()
         if seen is not None:
             digest = hashlib.blake2b(answered.content, digest_size=16)
