@@ -807,7 +807,9 @@ KIT = Kit(
     example=Example(
         account="acme",
         env={"META_VERIFY_TOKEN": "v"},
-        files={"/run/secrets/meta": "EAAG-token", "/run/secrets/meta-app": "app-secret"},
+        # meta-app first: the test writes each file and replaces its path, and /run/secrets/meta
+        # is the start of the other
+        files={"/run/secrets/meta-app": "app-secret", "/run/secrets/meta": "EAAG-token"},
     ),
     dashboard="whatsapp-meta-cloud-api",
     alerts=(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import ConfigError, Defaults, Schedule, parse_config
 from exporter.metrics import Family
 from exporter.providers import ACCOUNT_MODELS, meta
 from exporter.providers.base import PollError
@@ -163,6 +163,7 @@ def test_configured_numbers_only_and_a_missing_one_is_a_counted_problem(sim, cap
     assert asked == {'"15550000002"])', '"15559999999"])'}
 
 
+@pytest.mark.slow
 def test_paging_follows_cursors_on_base_url_never_the_next_urls_host():
     with MetaSimulator(auto=False, call_budget=None, numbers=230, templates=150) as sim:
         with run_exporter(config(sim, "    rate_limit: 1000/m\n")) as running:
@@ -198,6 +199,7 @@ def test_a_next_url_elsewhere_is_rebuilt_on_base_url_and_endless_paging_is_bad_r
     )
 
 
+@pytest.mark.slow
 def test_endless_distinct_pages_stop_at_the_cap_as_bad_response():
     with MetaSimulator(auto=False, call_budget=None, numbers=1001, templates=0) as sim:
         with run_exporter(config(sim, '    phone_numbers: ["+15550000001"]\n')) as running:
@@ -256,11 +258,18 @@ FAULTS = [
     (Fault.status(400, "<html>bad</html>"), "http_4xx"),
     (Fault.malformed_json(), "bad_response"),
     (Fault.wrong_shape(), "bad_response"),
-    (Fault.timeout(seconds=5), "timeout"),
+    pytest.param(Fault.timeout(seconds=5), "timeout", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("fault", "reason"), FAULTS, ids=[r + "-" + f.kind for f, r in FAULTS])
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    FAULTS,
+    ids=[
+        p.values[1] + "-" + p.values[0].kind if hasattr(p, "values") else p[1] + "-" + p[0].kind
+        for p in FAULTS
+    ],
+)
 def test_graph_errors_are_judged_by_their_code_and_other_endpoints_go_on(sim, fault, reason):
     sim.fail("templates", fault)
     with run_exporter(config(sim), strict=True) as running:
@@ -281,7 +290,7 @@ def test_rate_limited_pauses_the_account_for_metas_estimate(sim):
         ready(running)
         series = running.scrape()
         (poller,) = running.exporter.scheduler.pollers()
-        used, paused = poller.api.budget.usage()
+        _, paused = poller.api.budget.usage()
     errors = "whatsapp_exporter_poll_errors_total"
     assert value(series, errors, endpoint="health", reason="rate_limited") == 1
     # templates failed at once, without a request: the pause outlasts its deadline
@@ -399,7 +408,10 @@ def test_invalid_configs_say_every_error_with_its_path(keys, errors):
 
 
 def test_all_errors_at_once_and_no_auth_at_all():
-    text = 'meta:\n  - {account: a, waba_id: "x", phone_numbers: [1], bogus: 1}\n  - {account: b, waba_id: "1"}\n'
+    text = (
+        'meta:\n  - {account: a, waba_id: "x", phone_numbers: [1], bogus: 1}\n'
+        '  - {account: b, waba_id: "1"}\n'
+    )
     with pytest.raises(ConfigError) as caught:
         parse_config(text, ACCOUNT_MODELS)
     assert caught.value.errors == [
@@ -418,11 +430,14 @@ def test_defaults_and_numbers_kept_as_digits():
     ).meta[0]
     assert account.base_url == "https://graph.facebook.com/v25.0"
     assert account.phone_numbers == ["15550100100", "4915112345678"]
-    assert (account.health.interval, account.templates.interval, account.analytics.interval) == (
-        300,
-        900,
-        900,
-    )
+    endpoints = meta.endpoints(account, Defaults(interval=10), None)
+    assert [(e.name, e.interval) for e in endpoints] == [
+        ("health", 300),
+        ("templates", 900),
+        ("analytics", 900),
+    ]
+    every = account.model_copy(update={"interval": 120.0, "health": Schedule(interval=30.0)})
+    assert [e.interval for e in meta.endpoints(every, Defaults(), None)] == [30, 120, 120]
     assert str(meta.PROVIDER.default_rate_limit) == "200/3600s"
     assert meta.headers(account) == {"Accept": "application/json", "Authorization": "Bearer t"}
 

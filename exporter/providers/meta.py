@@ -105,6 +105,7 @@ NUMBER_FIELDS = (
 )
 TEMPLATE_FIELDS = "id,name,language,status,category,quality_score"
 PAGE_SIZE = 100
+INTERVALS = {"health": 300.0, "templates": 900.0, "analytics": 900.0}
 MAX_NUMBER_PAGES = 10  # 1,000 numbers: far beyond any WABA's; more is a hostile answer
 MAX_TEMPLATES = 1000  # kept per WABA; the rest are counted in whatsapp_templates_dropped_total
 MAX_STATE = 64  # characters of a state value Meta may add (kept as it comes, made safe)
@@ -157,9 +158,11 @@ class Account(AccountBase):
     app_secret: SecretStr | None = None
     app_secret_file: SecretFile = None
     verify_token: SecretStr | None = None
-    health: Schedule = Schedule(interval=300.0)
-    templates: Schedule = Schedule(interval=900.0)
-    analytics: Schedule = Schedule(interval=900.0)
+    # each endpoint's own interval, else the account's `interval`, else INTERVALS: never
+    # `defaults.interval`, whose minute would spend Meta's hourly budget on nothing that changes
+    health: Schedule = Schedule()
+    templates: Schedule = Schedule()
+    analytics: Schedule = Schedule()
 
     @field_validator("waba_id")
     @classmethod
@@ -827,12 +830,15 @@ def _pages_of(endpoint: str, known: Known) -> float:
 
 
 def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpoint]:
-    interval = account.interval or defaults.interval
+    def interval(endpoint: str) -> float:
+        own = getattr(account, endpoint).interval
+        return own or account.interval or INTERVALS[endpoint]
+
     tally = Tally()
     return [
         Endpoint(
             "health",
-            account.health.interval or interval,
+            interval("health"),
             account_wide,
             functools.partial(fetch_health, account, tally),
             health_families,
@@ -841,7 +847,7 @@ def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpo
         ),
         Endpoint(
             "templates",
-            account.templates.interval or interval,
+            interval("templates"),
             account_wide,
             functools.partial(fetch_templates, account, tally),
             templates_families,
@@ -850,7 +856,7 @@ def endpoints(account: Account, defaults: Defaults, state: object) -> list[Endpo
         ),
         Endpoint(
             "analytics",
-            account.analytics.interval or interval,
+            interval("analytics"),
             functools.partial(number_targets, account),
             functools.partial(fetch_analytics, account),
             analytics_families,
