@@ -10,13 +10,16 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import ConfigError, Defaults, Schedule, parse_config
 from exporter.metrics import Family
 from exporter.providers import ACCOUNT_MODELS, meta
 from exporter.providers.base import PollError
+from exporter.snapshot import TargetKey
 from simulators import Fault, MetaSimulator
-from tests.conftest import run_exporter, value, values, wait_for
+from tests.conftest import parse_exposition, run_exporter, value, values, wait_for
+from tests.golden import new_snapshot
 
 WABA = "102290129340398"
 
@@ -621,3 +624,177 @@ def test_analytics_asks_today_utc_for_one_number():
 def test_the_example_headers_of_a_usage_answer_parse():
     header = json.dumps({WABA: [{"type": "whatsapp_bsp", "call_count": 91}]})
     assert meta.usage(header) == (91, 0)
+
+
+# --- hostile answers ----------------------------------------------------------------------------
+
+HOSTILE = [
+    ({"data": [{"id": "1", "display_phone_number": 15550000001}]}, "health"),
+    ({"data": [{"id": "1", "display_phone_number": "+1", "quality_rating": 5}]}, "health"),
+    ({"data": [{"id": "1", "display_phone_number": "+1", "health_status": []}]}, "health"),
+    ({"data": "everything"}, "health"),
+    ({"data": [], "paging": {"next": "x", "cursors": []}}, "health"),
+    ({"data": [{"name": ["x"], "language": "en", "status": "APPROVED"}]}, "templates"),
+    ({"data": [], "summary": {"total_count": -1}}, "templates"),
+    ({"analytics": {"data_points": [{"start": 1, "end": 2, "sent": -5}]}}, "analytics"),
+    ({"analytics": {"data_points": [{"start": 1, "end": 2, "sent": "12"}]}}, "analytics"),
+    ({"analytics": {"data_points": [{"start": 1, "end": 2, "sent": True}]}}, "analytics"),
+    ({"id": WABA}, "analytics"),
+]
+
+
+@pytest.mark.parametrize(("body", "endpoint"), HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_answers_of_the_wrong_shape_are_bad_response_and_cost_only_their_target(
+    sim, body, endpoint
+):
+    sim.fail(endpoint, Fault.status(200, body))
+    with run_exporter(config(sim), strict=True) as running:
+        ready(running)
+        series = running.scrape()
+    errors = "whatsapp_exporter_poll_errors_total"
+    assert sum(v for _, v in values(series, errors, endpoint=endpoint, reason="bad_response")) >= 1
+    for other in {"health", "templates"} - {endpoint}:
+        assert value(series, "whatsapp_exporter_up", endpoint=other) == 1
+
+
+def test_control_characters_and_exposition_syntax_in_a_template_name_cost_nothing(sim):
+    name = "promo\x00\x1b[31m\n" + "é" * 300 + '"} 1\nfake_metric 2'
+    sim.add_template(name, "en_US\t", "MARKETING", status="PAUSED\r\n", quality="RED")
+    with run_exporter(config(sim), strict=True) as running:
+        ready(running)
+        text = running.metrics_text()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert "fake_metric" not in names
+    series = parse_exposition(text)
+    paused = values(series, "whatsapp_template_status", status="PAUSED")
+    (hostile,) = [lab for lab, _ in paused if lab["template"].startswith("promo")]
+    assert hostile["template"].startswith("promo [31m éé") and len(hostile["template"]) == 256
+    assert hostile["language"] == "en_US"
+    assert value(series, "whatsapp_exporter_up", endpoint="templates") == 1
+
+
+def test_a_hostile_template_name_is_made_safe():
+    name = "promo\x00\x1b[31m\n" + "é" * 300 + '"} 1\nfake_metric 2'
+    page = meta._TemplatesPage.model_validate(
+        {"data": [{"name": name, "language": "en_US\t", "status": "PAUSED\r\n"}]}
+    )
+    template = page.data[0]
+    assert meta.clean(template.name).startswith("promo [31m ééé")
+    assert len(meta.clean(template.name)) == 256 and meta.clean(template.name).isprintable()
+    assert meta.state(template.status) == "PAUSED"
+    assert meta.clean(template.language, 32) == "en_US"
+    families = meta.templates_families(
+        "", meta.Templates((meta.Template(meta.clean(name), "en_US", "", "PAUSED", "RED"),))
+    )
+    text = render_plain(families)
+    parsed = {f.name for f in text_string_to_metric_families(text)}
+    assert {"whatsapp_template_status", "whatsapp_template_quality"} <= parsed
+    assert "fake_metric" not in parsed
+
+
+def render_plain(families: list[Family]) -> str:
+    snapshot = new_snapshot()
+    snapshot.configure(3, [("meta", "a", "templates")])
+    snapshot.succeeded(TargetKey("meta", "a", "templates", ""), 900, families, 0.1)
+    snapshot.publish()
+    return snapshot.exposition.plain.decode()
+
+
+# --- the simulator ------------------------------------------------------------------------------
+
+
+def graph_get(sim: MetaSimulator, path: str, **params: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {sim.token}"}
+    return httpx.get(f"{sim.base_url}{path}", params=params, headers=headers, timeout=5)
+
+
+def test_the_simulator_selects_fields_and_pages_with_cursors():
+    with MetaSimulator(auto=False, call_budget=None, numbers=5) as sim:
+        first = graph_get(sim, f"/{WABA}/phone_numbers", fields="id,quality_rating", limit="2")
+        body = first.json()
+        assert [set(n) for n in body["data"]] == [{"id", "quality_rating"}] * 2
+        assert body["paging"]["next"].startswith(sim.base_url)
+        after = body["paging"]["cursors"]["after"]
+        rest = graph_get(sim, f"/{WABA}/phone_numbers", limit="10", after=after).json()
+        assert len(rest["data"]) == 3 and "next" not in rest["paging"]
+        bad = graph_get(sim, f"/{WABA}/phone_numbers", after="nonsense")
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, 100)
+        unknown = graph_get(sim, "/999")
+        assert unknown.json()["error"]["error_subcode"] == 33
+        assert graph_get(sim, "/x/y").json()["error"]["code"] == 2500
+
+
+def test_the_simulators_usage_header_rises_and_its_limit_answers_80007():
+    with MetaSimulator(auto=False, call_budget=4, numbers=1) as sim:
+        used = []
+        for _ in range(4):
+            answer = graph_get(sim, f"/{WABA}/phone_numbers")
+            usage = json.loads(answer.headers["x-business-use-case-usage"])[WABA][0]
+            used.append(usage["call_count"])
+        assert used == [25, 50, 75, 100]
+        refused = graph_get(sim, f"/{WABA}/phone_numbers")
+        usage = json.loads(refused.headers["x-business-use-case-usage"])[WABA][0]
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, 80007)
+        assert usage["estimated_time_to_regain_access"] == 60
+
+
+def test_the_simulator_as_a_bsp_wants_its_header_not_a_bearer_token():
+    with MetaSimulator(auto=False, call_budget=None, bsp_header="D360-API-KEY") as sim:
+        bearer = graph_get(sim, f"/{WABA}/phone_numbers")
+        assert bearer.status_code == 401 and bearer.json()["error"]["code"] == 190
+        keyed = httpx.get(
+            f"{sim.base_url}/{WABA}/phone_numbers", headers={"D360-API-KEY": sim.token}
+        )
+        assert keyed.status_code == 200 and len(keyed.json()["data"]) == 3
+
+
+def test_the_simulator_changes_quality_limits_and_templates_over_time():
+    with MetaSimulator(auto=False, call_budget=None, seed=3) as sim:
+        sim.P_QUALITY = sim.P_LIMIT = sim.P_TEMPLATE = 1.0
+        before = (sim.state()["limit"], [n["quality_rating"] for n in sim.state()["numbers"]])
+        statuses = set()
+        for _ in range(20):
+            sim.tick()
+            statuses |= {t["status"] for t in sim.state()["templates"]}
+        after = (sim.state()["limit"], [n["quality_rating"] for n in sim.state()["numbers"]])
+        assert before != after
+        assert statuses == {"APPROVED", "PAUSED"}
+        assert sum(sim.number(n).sent.get(meta_today(), 0) for n in sim.numbers) > 0
+
+
+def test_the_simulators_control_routes_change_its_state():
+    with MetaSimulator(auto=False, call_budget=None) as sim:
+        control = f"{sim.url}/_sim"
+        assert (
+            httpx.post(f"{control}/numbers/15550000001", json={"quality": "RED"}).status_code == 200
+        )
+        assert httpx.post(f"{control}/numbers/15550009999", json={}).status_code == 201
+        assert httpx.post(f"{control}/limit", json={"limit": "TIER_250"}).status_code == 200
+        assert httpx.post(f"{control}/limit", json={"limit": "TIER_3"}).status_code == 400
+        paused = {"name": "spring_sale", "status": "PAUSED"}
+        assert httpx.post(f"{control}/templates", json=paused).status_code == 200
+        assert httpx.post(f"{control}/rate_limit", json={"minutes": 1}).status_code == 200
+        assert graph_get(sim, f"/{WABA}/phone_numbers").json()["error"]["code"] == 80007
+        state = sim.state()
+    assert state["limit"] == "TIER_250" and len(state["numbers"]) == 4
+    assert state["numbers"][0]["quality_rating"] == "RED"
+    assert sim.template("spring_sale").status == "PAUSED"
+
+
+def meta_today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+@pytest.mark.parametrize(("interval", "warned"), [("1m", True), ("15m", False)])
+def test_intervals_that_need_more_than_metas_budget_are_named_in_the_log(
+    sim, caplog, interval, warned
+):
+    caplog.set_level(logging.WARNING, logger="exporter.scheduler")
+    with run_exporter(config(sim, f"    interval: {interval}\n")) as running:
+        ready(running)
+    found = [r.fields for r in caplog.records if "rate_limit allows" in r.getMessage()]
+    # health, templates and three numbers' analytics: 5 a minute is 300 an hour
+    expected = [
+        {"provider": "meta", "account": "acme", "needed": "300/3600s", "rate_limit": "200/3600s"}
+    ]
+    assert found == (expected if warned else [])
