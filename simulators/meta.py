@@ -676,7 +676,7 @@ meta:
     token: demo-token
     waba_id: "{WABA_ID}"
     phone_numbers: []
-    rate_limit: 200/h
+    rate_limit: 5000/h   # Meta's budget for a WABA with a registered number; 200/h before
     health: {{interval: 10s}}
     templates: {{interval: 15s}}
     analytics: {{interval: 15s}}

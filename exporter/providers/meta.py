@@ -607,7 +607,7 @@ async def fetch_templates(account: Account, tally: Tally, api: Api, target: str)
     path = f"/{account.waba_id}/message_templates"
     params = {"fields": TEMPLATE_FIELDS, "limit": str(PAGE_SIZE), "summary": "total_count"}
     kept: dict[tuple[str, str], Template] = {}
-    seen, total, read = 0, 0, 0
+    seen, total, read, more = 0, 0, 0, False
     max_pages = -(-MAX_TEMPLATES // PAGE_SIZE)
     try:
         async for page in pages(api, path, params, _TemplatesPage, max_pages):
@@ -628,8 +628,9 @@ async def fetch_templates(account: Account, tally: Tally, api: Api, target: str)
                 if key not in kept and len(kept) < MAX_TEMPLATES:
                     kept[key] = template
     except TooManyPages:
-        pass  # the cap: what was not read is counted below, from Meta's own total
-    dropped = max(total, seen) - len(kept)
+        more = True  # the cap: what was not read is counted below, from Meta's own total
+    # without Meta's total, pages left unread count as at least one template
+    dropped = max(total, seen + more) - len(kept)
     if dropped > 0:
         tally.dropped += dropped
         if ("templates_dropped", "") not in tally.warned:
