@@ -82,10 +82,11 @@ class Template:
 
 
 class MetaSimulator(Simulator):
-    """`bsp_header="D360-API-KEY"` answers like 360dialog (that header, not a Bearer token, and no
-    version in the path); `call_budget` is the calls an hour before Meta's code 80007
-    (None: unlimited, the usage header then stays low); `limit_form="integer"` sends the
-    messaging limit as a number instead of a tier string."""
+    """`bsp_header="D360-API-KEY"` answers like a BSP that passes the Graph API through (that
+    header, not a Bearer token, and no version in the path; 360dialog's own paths differ);
+    `call_budget` is the calls an hour before Meta's code 80007 (None: unlimited, the usage
+    header then stays low); `limit_form="integer"` sends the messaging limit as a number
+    instead of a tier string."""
 
     name = "meta"
     base_path = "/" + VERSION

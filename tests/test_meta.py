@@ -226,7 +226,7 @@ def test_templates_over_the_cap_are_counted_as_dropped(sim, caplog):
 
 def test_a_bsp_header_instead_of_a_token_and_a_base_url_without_a_version():
     with MetaSimulator(auto=False, call_budget=None, bsp_header="D360-API-KEY") as sim:
-        assert sim.base_url == sim.url  # 360dialog: https://waba-v2.360dialog.io
+        assert sim.base_url == sim.url  # no version in a BSP's base_url
         auth = "headers: {D360-API-KEY: demo-token}"
         with run_exporter(config(sim, auth=auth)) as running:
             ready(running)

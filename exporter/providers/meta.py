@@ -108,6 +108,7 @@ PAGE_SIZE = 100
 INTERVALS = {"health": 300.0, "templates": 900.0, "analytics": 900.0}
 MAX_NUMBER_PAGES = 10  # 1,000 numbers: far beyond any WABA's; more is a hostile answer
 MAX_TEMPLATES = 1000  # kept per WABA; the rest are counted in whatsapp_templates_dropped_total
+MAX_CURSOR = 4096  # Meta's are ~100 characters; a longer one would only bloat the next URL
 MAX_STATE = 64  # characters of a state value Meta may add (kept as it comes, made safe)
 
 # Graph error codes (developers.facebook.com/docs/graph-api/guides/error-handling)
@@ -149,7 +150,7 @@ class Account(AccountBase):
     base_url: str = DEFAULT_BASE_URL
     token: SecretStr | None = None  # a system user's access token: Authorization: Bearer
     token_file: SecretFile = None
-    # a BSP proxy's own auth (360dialog: D360-API-KEY); sent besides the Bearer token if any
+    # a BSP proxy's own auth (e.g. D360-API-KEY); sent besides the Bearer token if any
     headers: dict[str, HeaderValue] = {}
     waba_id: Annotated[str, BeforeValidator(_id_text)]
     # display numbers (digits are kept); [] = every number the WABA lists
@@ -525,8 +526,10 @@ async def pages(
         cursor = next_cursor(page.paging)
         if cursor is None:
             return
-        if cursor in seen or len(cursor) > 4096:
+        if cursor in seen:
             raise PollError("bad_response", f"{path}: paging repeats a cursor")
+        if len(cursor) > MAX_CURSOR:
+            raise PollError("bad_response", f"{path}: a cursor over {MAX_CURSOR} characters")
         seen.add(cursor)
     raise TooManyPages(cursor)
 
