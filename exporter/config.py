@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -134,15 +135,77 @@ def read_secret_file(path: Any) -> Any:
 SecretFile = Annotated[SecretStr | None, BeforeValidator(read_secret_file)]
 
 
-def secret_problems(data: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
-    """Each secret is given exactly once: inline (`token`) or as a file (`token_file`)."""
+# --- HTTP headers an operator configures (a proxy's or provider's own auth) ---------------------
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
+
+
+def json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, Sequence) else "an object"
+
+
+def header_names(names: Iterable[str]) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        if not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise ValueError(f"{first!r} and {name!r} are the same header")
+
+
+def _header_value(value: SecretStr) -> SecretStr:
+    """Checked at load because the HTTP client rejects a bad value only when it sends it."""
+    text = value.get_secret_value().strip()
+    if not text:
+        raise ValueError("the value is empty")
+    if not _HEADER_VALUE.match(text):
+        raise ValueError("the value must be printable ASCII on one line")
+    return SecretStr(text)
+
+
+def _text(value: Any) -> Any:
+    """YAML reads an unquoted `12345` or `yes` as a number or boolean: ask for quotes, not guess."""
+    if value is None:
+        raise ValueError("is empty")
+    if not isinstance(value, str | SecretStr):
+        raise ValueError(f"must be text, not {json_kind(value)}: put it in quotes")
+    return value
+
+
+def _header_file(path: Any) -> Any:
+    if path is None:
+        raise ValueError("must be the path of a file")
+    return read_secret_file(_text(path))
+
+
+HeaderValue = Annotated[SecretStr, BeforeValidator(_text), AfterValidator(_header_value)]
+# a path in the config; once loaded, the stripped content of that file (a secret)
+HeaderFile = Annotated[SecretStr, BeforeValidator(_header_file), AfterValidator(_header_value)]
+
+
+def secret_problems(
+    data: Mapping[str, Any], names: tuple[str, ...], *, required: bool = True
+) -> list[str]:
+    """Each secret is given exactly once: inline (`token`) or as a file (`token_file`); an
+    optional one at most once."""
     problems = []
     for name in names:
         inline, path = data.get(name), data.get(f"{name}_file")
         if inline is not None and path is not None:
             problems.append(f"give either {name} or {name}_file, not both")
         elif inline is None and path is None:
-            problems.append(f"{name} or {name}_file is required")
+            if required:
+                problems.append(f"{name} or {name}_file is required")
         elif inline is not None and not str(
             inline.get_secret_value() if isinstance(inline, SecretStr) else inline
         ):
@@ -216,10 +279,11 @@ class AccountBase(Strict):
     """What every provider account has; provider modules subclass it with their own keys.
 
     `SECRETS` names the secret keys: each is given as `name` or `name_file`, and after load the
-    secret is in `name` either way.
+    secret is in `name` either way. `OPTIONAL_SECRETS` likewise, but they may be left out.
     """
 
     SECRETS: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL_SECRETS: ClassVar[tuple[str, ...]] = ()
 
     account: str
     base_url: str
@@ -264,13 +328,19 @@ class AccountBase(Strict):
 
     @model_validator(mode="after")
     def _one_of_each_secret(self) -> AccountBase:
-        problems = secret_problems(self.__dict__, self.SECRETS)
+        problems = all_secret_problems(self.__dict__, type(self))
         if problems:
             raise ValueError("; ".join(problems))
-        for name in self.SECRETS:
+        for name in (*self.SECRETS, *self.OPTIONAL_SECRETS):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(self, f"{name}_file"))
         return self
+
+
+def all_secret_problems(data: Mapping[str, Any], model: type[AccountBase]) -> list[str]:
+    return secret_problems(data, model.SECRETS) + secret_problems(
+        data, model.OPTIONAL_SECRETS, required=False
+    )
 
 
 class Config(Strict):
@@ -472,7 +542,7 @@ def _raw_secret_problems(
         accounts = data.get(provider)
         for index, raw in enumerate(accounts if isinstance(accounts, list) else []):
             if isinstance(raw, dict):
-                problems = secret_problems(raw, model.SECRETS)
+                problems = all_secret_problems(raw, model)
                 if problems:
                     found.append(((provider, index), "; ".join(problems)))
     return found

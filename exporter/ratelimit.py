@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+
+
+class Paused(Exception):
+    """The provider asked for a pause longer than the caller is willing to wait."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"paused for another {seconds:.0f}s")
+        self.seconds = seconds
 
 
 class RequestBudget:
@@ -42,20 +51,24 @@ class RequestBudget:
         return used, max(0.0, self._blocked_until - now)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+    async def slot(self, *, patience: float = math.inf) -> AsyncIterator[None]:
+        """A place in the window; Paused at once when a provider's pause outlasts `patience`
+        (a request waiting longer would outlive its poll, and the exporter's readiness)."""
+        await self._acquire(patience)
         try:
             yield
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, patience: float) -> None:
         async with self._turn:
             while True:
                 now = self._clock()
                 while self._finished and self._finished[0] <= now - self.period:
                     self._finished.popleft()
                 wait: float | None = self._blocked_until - now
+                if wait > patience:
+                    raise Paused(wait)
                 if wait <= 0:
                     if len(self._finished) + self._in_flight < self.requests:
                         self._in_flight += 1

@@ -163,6 +163,7 @@ class Scheduler:
             deadline=timeout,
             body_size_limit=account.body_size_limit,
             pacer=self.pacer,
+            answer_rules=provider.answer_rules,
         )
         return Poller(
             provider,
@@ -215,7 +216,11 @@ class Scheduler:
         budget allows make every poll late, and values go stale. Say so, with the numbers."""
         budget = poller.api.budget
         demand = sum(
-            len(e.targets(poller.known)) * budget.period / e.interval for e in poller.endpoints
+            len(e.targets(poller.known))
+            * (e.requests(poller.known) if e.requests else 1)
+            * budget.period
+            / e.interval
+            for e in poller.endpoints
         )
         if demand > budget.requests:
             provider, account = poller.name

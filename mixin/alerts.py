@@ -247,6 +247,7 @@ def rules(c: Config) -> list[Rule]:
             {{ $labels.account }}) holds {{ $value }} pending messages, growing for 15 minutes:
             it cannot send as fast as it is asked to.""",
         ),
+        *meta_alerts(c),
         alert(
             c,
             "WhatsAppConfigReloadFailed",
@@ -258,6 +259,103 @@ def rules(c: Config) -> list[Rule]:
             still running; the exporter's log lists every error with its path.""",
         ),
         *(burn(c, name) for name in BURNS),
+    ]
+
+
+def meta_alerts(c: Config) -> list[Rule]:
+    """Meta's Cloud API numbers and templates: what stops or will soon stop delivery there."""
+
+    def current(metric: str, label: str, values: str, by: str = BY_NUMBER) -> str:
+        """The state set's series at 1 among `values` (a regex of Meta's values)."""
+        matcher = f'{label}=~"{values}"'
+        return f"max by ({by}, {label}) ({c.m(metric, matcher)}) == 1"
+
+    limit = c.m("whatsapp_messaging_limit")
+    auth_errors = c.m("whatsapp_exporter_poll_errors_total", 'provider="meta"', 'reason="auth"')
+    by_template = "provider, account, template, language"
+    return [
+        alert(
+            c,
+            "WhatsAppNumberQualityYellow",
+            current("whatsapp_phone_number_quality", "quality", "YELLOW"),
+            "30m",
+            "warning",
+            "Quality of {{ $labels.number }} ({{ $labels.account }}) is YELLOW",
+            """Meta rates the quality of number {{ $labels.number }} (account
+            {{ $labels.account }}) YELLOW: recipients block or report its messages. If it turns
+            RED, Meta may lower the portfolio's messaging limit or restrict the number.""",
+        ),
+        alert(
+            c,
+            "WhatsAppNumberQualityRed",
+            current("whatsapp_phone_number_quality", "quality", "RED"),
+            "5m",
+            "critical",
+            "Quality of {{ $labels.number }} ({{ $labels.account }}) is RED",
+            """Meta rates the quality of number {{ $labels.number }} (account
+            {{ $labels.account }}) RED: its messaging limit may be lowered and the number
+            flagged or restricted within days unless fewer recipients block or report it.""",
+        ),
+        alert(
+            c,
+            "WhatsAppNumberCannotSend",
+            current(
+                "whatsapp_can_send_message",
+                "status",
+                "LIMITED|BLOCKED",
+                f"{BY_NUMBER}, entity",
+            ),
+            "5m",
+            "critical",
+            "{{ $labels.number }} ({{ $labels.account }}) is {{ $labels.status }} "
+            "({{ $labels.entity }})",
+            """Meta's health status of number {{ $labels.number }} (account
+            {{ $labels.account }}) says its messages are {{ $labels.status }} because of the
+            {{ $labels.entity }}: BLOCKED sends nothing, LIMITED only some. The health status'
+            errors in WhatsApp Manager say why.""",
+        ),
+        alert(
+            c,
+            "WhatsAppMessagingLimitDowngraded",
+            f"max by ({BY_NUMBER}) ({limit})"
+            f" < max_over_time(max by ({BY_NUMBER}) ({limit})[1d:5m])",
+            "0m",
+            "warning",
+            "Messaging limit of {{ $labels.number }} ({{ $labels.account }}) went down to "
+            "{{ $value }}",
+            """The messaging limit of number {{ $labels.number }} (account
+            {{ $labels.account }}), shared by its business portfolio, is {{ $value }} unique
+            users a day, lower than in the last day: campaigns sized for the old limit will
+            be cut off.""",
+            # the lower value is the new normal once a day has passed: until then, keep it
+            keep_firing_for="1h",
+        ),
+        alert(
+            c,
+            "WhatsAppTemplatePausedOrDisabled",
+            current("whatsapp_template_status", "status", "PAUSED|DISABLED", by_template),
+            "5m",
+            "warning",
+            "Template {{ $labels.template }} ({{ $labels.language }}, {{ $labels.account }}) is "
+            "{{ $labels.status }}",
+            """Meta {{ $labels.status }} message template {{ $labels.template }}
+            ({{ $labels.language }}) of account {{ $labels.account }}: messages that use it
+            fail until it is approved again (a pause lasts 3 or 6 hours, a third one disables
+            it).""",
+        ),
+        alert(
+            c,
+            "WhatsAppMetaTokenRejected",
+            f"max by (provider, account) (increase(max by (provider, account, endpoint) "
+            f"({auth_errors})[15m:1m])) > 0",
+            "0m",
+            "critical",
+            "Meta rejects the token of account {{ $labels.account }}",
+            """Meta answered the exporter's polls for account {{ $labels.account }} with an
+            auth error (code 190: expired or invalid token, 10 or 200-299: a permission is
+            missing). The same token sends the business' messages: they fail too.""",
+            keep_firing_for="15m",
+        ),
     ]
 
 

@@ -6,11 +6,12 @@ real loopback HTTP, with injectable faults and a request log. Stdlib only, so th
 dependencies never leak in.
 """
 
-from simulators import betatel, d7, kaleyra, whatsgate
+from simulators import betatel, d7, kaleyra, meta, whatsgate
 from simulators.betatel import BetatelSimulator
 from simulators.d7 import D7Simulator
 from simulators.kaleyra import KaleyraSimulator
 from simulators.kit import Kit
+from simulators.meta import MetaSimulator
 from simulators.server import Fault, RecordedRequest, Simulator
 from simulators.whatsgate import WhatsGateSimulator
 
@@ -20,6 +21,7 @@ KITS: dict[str, Kit] = {
     "betatel": betatel.KIT,
     "d7": d7.KIT,
     "kaleyra": kaleyra.KIT,
+    "meta": meta.KIT,
 }
 
 SIMULATORS: dict[str, type[Simulator]] = {name: kit.simulator for name, kit in KITS.items()}
@@ -32,6 +34,7 @@ __all__ = [
     "Fault",
     "KaleyraSimulator",
     "Kit",
+    "MetaSimulator",
     "RecordedRequest",
     "Simulator",
     "WhatsGateSimulator",

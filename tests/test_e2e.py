@@ -24,7 +24,13 @@ import pytest
 import yaml
 
 from mixin.dashboards import panel_queries
-from simulators import BetatelSimulator, D7Simulator, KaleyraSimulator, WhatsGateSimulator
+from simulators import (
+    BetatelSimulator,
+    D7Simulator,
+    KaleyraSimulator,
+    MetaSimulator,
+    WhatsGateSimulator,
+)
 from tests.conftest import ROOT, free_port, require_tool, run_exporter, wait_for
 
 pytestmark = pytest.mark.processes  # Prometheus, Alertmanager and the exporter as processes
@@ -114,7 +120,12 @@ def stack(tmp_path) -> Iterator[dict]:
             auto=True, tick=0.2, index_delay=0, sent_delay=0.2, delivered_delay=0.5, read_delay=1.0
         ) as d7,
         KaleyraSimulator(numbers=["+12025550100"], auto=True, tick=0.5) as kaleyra,
+        MetaSimulator(auto=True, tick=0.5, call_budget=None) as meta,
     ):
+        # a number at risk and a paused template, so that the Meta panels of those have data
+        meta.P_QUALITY = meta.P_LIMIT = meta.P_TEMPLATE = 0.0
+        meta.set_number("15550000001", quality="YELLOW", can_send="LIMITED")
+        meta.set_template("spring_sale", "en_US", status="PAUSED", quality="RED")
         # only the test connects and disconnects devices; balances and failures still move
         whatsgate.P_DISCONNECT = whatsgate.P_RECONNECT = 0.0
         for mobile in whatsgate.devices:
@@ -133,6 +144,9 @@ d7:
 kaleyra:
   - {{account: main, base_url: "{kaleyra.base_url}", numbers: ["+12025550100"],
       rate_limit: 100/s}}
+meta:
+  - {{account: acme, base_url: "{meta.base_url}", token: demo-token, waba_id: "{meta.waba_id}",
+      interval: 1s, rate_limit: 100/s}}
 """
         with run_exporter(config, strict=False) as running:
             d7.webhook_url = f"{running.url}/webhooks/d7/prod"

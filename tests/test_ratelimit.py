@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from exporter.ratelimit import RequestBudget
+from exporter.ratelimit import Paused, RequestBudget
 from simulators import Fault, WhatsGateSimulator
 from tests.conftest import run_exporter, wait_for
 
@@ -145,6 +145,27 @@ def test_block_for_holds_every_request():
             return time.monotonic() - start
 
     assert asyncio.run(scenario()) >= 0.29
+
+
+def test_a_pause_longer_than_the_patience_fails_at_once_and_a_shorter_one_waits():
+    async def scenario() -> tuple[float, float]:
+        budget = RequestBudget(100, 60)
+        budget.block_for(3600)
+        start = time.monotonic()
+        with pytest.raises(Paused) as paused:
+            async with budget.slot(patience=10):
+                pass
+        refused = time.monotonic() - start
+        assert 3599 < paused.value.seconds <= 3600
+        assert budget.usage() == (0, pytest.approx(3600, abs=1))  # nothing was taken
+        short = RequestBudget(100, 60)
+        short.block_for(0.2)
+        start = time.monotonic()
+        async with short.slot(patience=10):
+            return refused, time.monotonic() - start
+
+    refused, waited = asyncio.run(scenario())
+    assert refused < 0.05 and waited >= 0.19
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from simulators import (
     D7Simulator,
     Fault,
     KaleyraSimulator,
+    MetaSimulator,
     RecordedRequest,
     Simulator,
     WhatsGateSimulator,
@@ -234,6 +235,10 @@ STATUS_BODIES = [
         {"code": "WS500", "message": "somthing went wrong !!!", "error": {}, "data": []},
     ),
     (KaleyraSimulator, 406, {"code": "WS406"}),
+    (MetaSimulator, 401, {"error": {"code": 190, "type": "OAuthException"}}),
+    (MetaSimulator, 403, {"error": {"code": 200}}),
+    (MetaSimulator, 500, {"error": {"code": 1, "message": "An unknown error occurred"}}),
+    (MetaSimulator, 503, {"error": {"code": 2}}),
 ]
 
 
@@ -343,8 +348,20 @@ def test_fault_wrong_shape_on_whatsgate_device_list(start: Start) -> None:
             400,
             {"statusCode": 400, "error": "Bad Request", "message": "quota exceeded"},
         ),
+        (
+            MetaSimulator,
+            400,
+            {
+                "error": {
+                    "message": "quota exceeded",
+                    "type": "OAuthException",
+                    "code": 100,
+                    "fbtrace_id": "AbCdEfGhIjKlMnOpQrStUvW",
+                }
+            },
+        ),
     ],
-    ids=["whatsgate", "kaleyra", "d7", "betatel"],
+    ids=["whatsgate", "kaleyra", "d7", "betatel", "meta"],
 )
 def test_fault_provider_error_is_the_providers_logical_error(
     start: Start, cls: type[Simulator], status: int, body: Any

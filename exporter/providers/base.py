@@ -30,7 +30,7 @@ import pydantic
 from exporter.config import AccountBase, Defaults, RateLimit
 from exporter.exposition import safe_text
 from exporter.metrics import REASONS, Family
-from exporter.ratelimit import RequestBudget
+from exporter.ratelimit import Paused, RequestBudget
 from exporter.routing import Route
 
 POLLED = "Polled in the background; up to one poll interval old."
@@ -100,6 +100,7 @@ def _adapter(model: Any) -> pydantic.TypeAdapter[Any]:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 MAX_RETRY_AFTER = 900.0
+MAX_PAUSE = 3600.0  # a provider's own "come back in N minutes" is honoured up to an hour
 PARSE_IN_THREAD = 1 << 20  # bytes: a bigger JSON answer is parsed off the event loop
 MAX_DEPTH = 64  # JSON nesting deeper than any provider's documented answer is refused
 
@@ -268,6 +269,8 @@ class Api:
     within one deadline (connect and every read) and a byte cap; errors as PollError.
 
     `provider_error` recognises the provider's own error body and returns its message (or None).
+    `answer_rules`, when the provider has them, judge every answer before its HTTP status does
+    (AnswerRules).
     """
 
     def __init__(
@@ -280,8 +283,10 @@ class Api:
         deadline: float = 10.0,
         body_size_limit: int = 4 << 20,
         pacer: contextlib.AbstractAsyncContextManager[Any] | None = None,
+        answer_rules: AnswerRules | None = None,
     ):
         self.client = client
+        self._rules = answer_rules
         # shared by every account: holds requests back while the event loop lags (pacer.py)
         self.pacer = pacer or contextlib.nullcontext()
         self.budget = budget
@@ -301,24 +306,32 @@ class Api:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
-        async with self.gate, self.budget.slot(), self.pacer:
-            try:
-                async with asyncio.timeout(self.deadline):
-                    answered = await self._read(
-                        self.client.request(
-                            method, path, params=params, json_body=json_body, headers=headers
+        try:
+            async with self.gate, self.budget.slot(patience=self.deadline), self.pacer:
+                try:
+                    async with asyncio.timeout(self.deadline):
+                        answered = await self._read(
+                            self.client.request(
+                                method, path, params=params, json_body=json_body, headers=headers
+                            )
                         )
-                    )
-            except TimeoutError:  # aiohttp's own (connect, each read) are TimeoutErrors too
-                raise PollError(
-                    "timeout", f"no complete answer within {self.deadline:g}s"
-                ) from None
-            except aiohttp.ClientSSLError as exc:
-                raise PollError("connect", f"TLS: {_ssl_reason(exc)}") from None
-            except aiohttp.ClientError as exc:
-                raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
-            except ssl.SSLError as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
-                raise PollError("connect", f"TLS: {exc.reason or exc}") from None
+                except TimeoutError:  # aiohttp's own (connect, each read) are TimeoutErrors too
+                    raise PollError(
+                        "timeout", f"no complete answer within {self.deadline:g}s"
+                    ) from None
+                except aiohttp.ClientSSLError as exc:
+                    raise PollError("connect", f"TLS: {_ssl_reason(exc)}") from None
+                except aiohttp.ClientError as exc:
+                    raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
+                except (
+                    ssl.SSLError
+                ) as exc:  # TLS 1.3 alerts (a client certificate wanted) come late
+                    raise PollError("connect", f"TLS: {exc.reason or exc}") from None
+        except Paused as paused:  # the provider's own pause outlasts this request's deadline
+            raise PollError(
+                "rate_limited",
+                f"the provider asked for a pause: {paused.seconds:.0f}s left, nothing sent",
+            ) from None
         seen = ANSWERS.get()
         if seen is not None:
             digest = hashlib.blake2b(answered.content, digest_size=16)
@@ -355,6 +368,14 @@ class Api:
         # the provider's own message after the status, or the snippet, which names the status
         detail = f"HTTP {status}: {message}" if message else answered.snippet()
         error = body if body is not _NOT_JSON else None
+        if self._rules is not None:
+            pause = min(max(self._rules.pause(answered.headers, error), 0.0), MAX_PAUSE)
+            if pause > 0:
+                self.budget.block_for(pause)
+            reason = self._rules.reason(error) if error is not None else None
+            if reason is not None:
+                waiting = f", waiting {pause:g}s before the next request" if pause else ""
+                raise PollError(reason, detail + waiting, error)
         if status in (401, 403):
             raise PollError("auth", detail, error)
         if status == 429:
@@ -394,6 +415,20 @@ _NOT_JSON = object()
 
 # --- the provider interface ---------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class AnswerRules:
+    """For an API whose answers say more than their HTTP status: Meta's Graph API puts the kind
+    of error in the body's own code (a rate limit comes as HTTP 400, an expired token as 400 or
+    401) and how much of the account's budget is used in a header on every answer."""
+
+    # the body of any answer (parsed JSON, or None) -> a reason from REASONS, or None to let the
+    # HTTP status decide
+    reason: Callable[[Any], str | None]
+    # (headers, body or None) -> seconds the account should send nothing more (0: go on)
+    pause: Callable[[Mapping[str, str], Any], float]
+
+
 # The account's newest successful results: endpoint -> target -> result. Lets an endpoint's
 # targets depend on another's answer (WhatsGate's balance job polls the devices that
 # /devices/status listed).
@@ -408,6 +443,8 @@ class Endpoint:
     fetch: Callable[[Api, str], Awaitable[Any]]
     families: Callable[[str, Any], Sequence[Family]]
     remember: bool = False  # keep the newest results in `Known`, for other endpoints' targets
+    # requests one target's poll takes (pages), from what is known; the budget check counts them
+    requests: Callable[[Known], float] | None = None
     # families depend only on the target and the answers' bytes (not on the time of the poll):
     # when the answers are the previous ones, the lines are too, and nothing is translated
     pure: bool = False
@@ -460,3 +497,4 @@ class Provider:
     endpoints: Callable[[Any, Defaults, Any], list[Endpoint]]
     provider_error: Callable[[Any], str | None]
     open_state: Callable[[StateContext], ProviderState] | None = None
+    answer_rules: AnswerRules | None = None

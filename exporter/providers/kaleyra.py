@@ -19,7 +19,16 @@ from urllib.parse import quote
 
 from pydantic import AfterValidator, BeforeValidator, SecretStr, field_validator, model_validator
 
-from exporter.config import AccountBase, ByteSize, Defaults, RateLimit, read_secret_file
+from exporter.config import (
+    AccountBase,
+    ByteSize,
+    Defaults,
+    HeaderFile,
+    HeaderValue,
+    RateLimit,
+    header_names,
+    json_kind,
+)
 from exporter.metrics import Family, Labels, Sample
 from exporter.providers.base import (
     POLLED,
@@ -35,8 +44,6 @@ log = logging.getLogger(__name__)
 # --- config -------------------------------------------------------------------------------------
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
-_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
 
 
 def _not_a_yaml_number(value: Any) -> Any:
@@ -64,52 +71,12 @@ def _e164(value: str) -> str:
 _Number = Annotated[str, BeforeValidator(_not_a_yaml_number), AfterValidator(_e164)]
 
 
-def _header_names(names: Iterable[str]) -> None:
-    seen: dict[str, str] = {}
-    for name in names:
-        if not _TOKEN.match(name):
-            raise ValueError(f"{name!r} is not an HTTP header name")
-        first = seen.setdefault(name.lower(), name)
-        if first != name:
-            raise ValueError(f"{first!r} and {name!r} are the same header")
-
-
-def _header_value(value: SecretStr) -> SecretStr:
-    """Checked at load because the HTTP client rejects a bad value only when it sends it."""
-    text = value.get_secret_value().strip()
-    if not text:
-        raise ValueError("the value is empty")
-    if not _HEADER_VALUE.match(text):
-        raise ValueError("the value must be printable ASCII on one line")
-    return SecretStr(text)
-
-
-def _text(value: Any) -> Any:
-    """YAML reads an unquoted `12345` or `yes` as a number or boolean: ask for quotes, not guess."""
-    if value is None:
-        raise ValueError("is empty")
-    if not isinstance(value, str | SecretStr):
-        raise ValueError(f"must be text, not {_json_kind(value)}: put it in quotes")
-    return value
-
-
-def _header_file(path: Any) -> Any:
-    if path is None:
-        raise ValueError("must be the path of a file")
-    return read_secret_file(_text(path))
-
-
-_HeaderValue = Annotated[SecretStr, BeforeValidator(_text), AfterValidator(_header_value)]
-# a path in the config; once loaded, the stripped content of that file (a secret)
-_HeaderFile = Annotated[SecretStr, BeforeValidator(_header_file), AfterValidator(_header_value)]
-
-
 class Account(AccountBase):
     base_url: str = "https://api-webhook-monitor-whatsapp.api.kaleyra.io"
     numbers: list[_Number]
     # Kaleyra serves stats to whitelisted IPs without auth; its other APIs want `api-key`.
-    headers: dict[str, _HeaderValue] = {}
-    header_files: dict[str, _HeaderFile] = {}
+    headers: dict[str, HeaderValue] = {}
+    header_files: dict[str, HeaderFile] = {}
     stats_path: str = "/v1/wamonitor/stats/{number}"
     body_size_limit: ByteSize = 16 << 20  # a multi-node client's stats run to megabytes
 
@@ -128,7 +95,7 @@ class Account(AccountBase):
     @field_validator("headers", "header_files")
     @classmethod
     def _names(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        _header_names(headers)
+        header_names(headers)
         return headers
 
     @field_validator("stats_path")
@@ -189,23 +156,11 @@ class MonitorStats:
     stats: Mapping[str, Any]
 
 
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "a list" if isinstance(value, Sequence) else "an object"
-
-
 def _object(value: Any, path: list[str]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         where = ".".join(path) or "(top level)"
         raise PollError(
-            "bad_response", f"monitor stats: {where}: expected an object, got {_json_kind(value)}"
+            "bad_response", f"monitor stats: {where}: expected an object, got {json_kind(value)}"
         )
     return value
 

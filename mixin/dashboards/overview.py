@@ -135,6 +135,31 @@ def overview(c: Config) -> Json:
             thresholds=steps("green", (100, "orange"), (1000, "red")),
             links=link_to("kaleyra", "Kaleyra client"),
         ),
+        stat(
+            "Meta numbers at risk",
+            """Per account, Meta Cloud API numbers whose quality is not GREEN or that cannot
+            send freely (health status LIMITED or BLOCKED). Red from one: the Meta dashboard
+            says which number, which entity and which template.""",
+            targets(
+                (
+                    "count by (account) ("
+                    + sel("whatsapp_phone_number_quality", 'quality=~"YELLOW|RED"')
+                    + " == 1 or on (account, number) "
+                    + sel(
+                        "whatsapp_can_send_message",
+                        'entity="overall"',
+                        'status=~"LIMITED|BLOCKED"',
+                    )
+                    + " == 1)",
+                    "{{account}}",
+                ),
+            ),
+            unit="short",
+            layout=layout,
+            size=(4, 5),
+            thresholds=steps("green", (1, "red")),
+            links=link_to("meta", "Meta Cloud API"),
+        ),
         row("WhatsGate devices", layout),
         devices_disconnected(
             layout,
@@ -169,20 +194,6 @@ def overview(c: Config) -> Json:
             layout,
             (5, 5),
             "WhatsGate worst failure ratio today",
-            links=link_to("whatsgate", "WhatsGate devices"),
-        ),
-        stat(
-            "WhatsGate failed recipients",
-            """Per account, distinct recipient numbers whose messages failed within the lookback
-            (default 24h), summed over devices. A sudden rise means many recipients are refused:
-            numbers without WhatsApp, a blocked device, or a template WhatsApp rejects.""",
-            targets(
-                (f"sum by (account) ({sel('whatsapp_failed_recipients')})", "{{account}}"),
-            ),
-            unit="short",
-            layout=layout,
-            size=(4, 5),
-            thresholds=steps("green", (10, "orange"), (100, "red")),
             links=link_to("whatsgate", "WhatsGate devices"),
         ),
         row("Polling", layout),
