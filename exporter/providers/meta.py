@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -677,6 +677,20 @@ def _state_set(known: Sequence[str], current: str) -> Iterator[tuple[str, float]
     return ((value, float(value == current)) for value in values)
 
 
+def _number_states(
+    numbers: Iterable[PhoneNumber],
+    label: str,
+    known: Sequence[str],
+    current: Callable[[PhoneNumber], str | None],
+) -> Iterator[tuple[dict[str, str], float]]:
+    """A state set per number that has a value for it."""
+    for n in numbers:
+        value = current(n)
+        if value is not None:
+            for s, v in _state_set(known, value):
+                yield {"number": n.number, label: s}, v
+
+
 def _entities(n: PhoneNumber) -> Iterable[tuple[str, str]]:
     if n.can_send is not None:
         yield "overall", n.can_send
@@ -708,32 +722,18 @@ def health_families(target: str, result: Numbers) -> list[Family]:
             "whatsapp_phone_number_quality",
             "The number's quality rating at Meta: 1 for the current one, 0 for the others. "
             + POLLED,
-            (
-                ({"number": n.number, "quality": q}, v)
-                for n in numbers
-                for q, v in _state_set(QUALITIES, n.quality)
-            ),
+            _number_states(numbers, "quality", QUALITIES, lambda n: n.quality),
         ),
         gauge(
             "whatsapp_phone_number_status",
             "The number's status at Meta: 1 for the current one, 0 for the others. " + POLLED,
-            (
-                ({"number": n.number, "status": s}, v)
-                for n in numbers
-                if n.status is not None
-                for s, v in _state_set(STATUSES, n.status)
-            ),
+            _number_states(numbers, "status", STATUSES, lambda n: n.status),
         ),
         gauge(
             "whatsapp_phone_number_name_status",
             "The review status of the number's display name: 1 for the current one, 0 for the "
             "others. " + POLLED,
-            (
-                ({"number": n.number, "name_status": s}, v)
-                for n in numbers
-                if n.name_status is not None
-                for s, v in _state_set(NAME_STATUSES, n.name_status)
-            ),
+            _number_states(numbers, "name_status", NAME_STATUSES, lambda n: n.name_status),
         ),
         gauge(
             "whatsapp_messaging_limit",

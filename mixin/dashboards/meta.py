@@ -3,6 +3,8 @@ message templates, and today's sent and delivered messages."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from mixin.config import Config
 from mixin.dashboards.builder import (
     Json,
@@ -35,86 +37,70 @@ def meta(c: Config) -> Json:
     layout = Layout()
     quality = (("GREEN", 1), ("YELLOW", 2), ("RED", 3), ("UNKNOWN", 4))
     can_send = (("AVAILABLE", 1), ("LIMITED", 2), ("BLOCKED", 3))
+
+    def counted(
+        title: str,
+        description: str,
+        query: str,
+        legend: str = "{{account}}",
+        colour: str = "red",
+        **more: Any,
+    ) -> Json:
+        """A count now, green at 0 and `colour` from one."""
+        return stat(
+            title,
+            description,
+            targets((query, legend)),
+            unit="short",
+            layout=layout,
+            size=(6, 4),
+            thresholds=steps("green", (1, colour)),
+            sparkline=False,
+            **more,
+        )
+
     panels = [
         row("Now", layout),
-        stat(
+        counted(
             "Numbers not GREEN",
             """Per account: numbers whose quality rating at Meta is YELLOW or RED (red from
             one). RED numbers lose messaging limit and may be restricted; see the quality
             timeline below.""",
-            targets(
-                (
-                    "sum by (account) ("
-                    + sel("whatsapp_phone_number_quality", matcher("quality", "YELLOW|RED", "=~"))
-                    + ")",
-                    "{{account}}",
-                )
-            ),
-            unit="short",
-            layout=layout,
-            size=(6, 4),
-            thresholds=steps("green", (1, "red")),
-            sparkline=False,
+            "sum by (account) ("
+            + sel("whatsapp_phone_number_quality", matcher("quality", "YELLOW|RED", "=~"))
+            + ")",
         ),
-        stat(
+        counted(
             "Numbers that cannot send freely",
             """Per account: numbers whose overall health status is LIMITED or BLOCKED (red from
             one). BLOCKED sends nothing; the per-entity panel below says which entity (number,
             WABA, business, app) is the cause.""",
-            targets(
-                (
-                    "sum by (account) ("
-                    + sel(
-                        "whatsapp_can_send_message",
-                        matcher("entity", "overall"),
-                        matcher("status", "LIMITED|BLOCKED", "=~"),
-                    )
-                    + ")",
-                    "{{account}}",
-                )
-            ),
-            unit="short",
-            layout=layout,
-            size=(6, 4),
-            thresholds=steps("green", (1, "red")),
-            sparkline=False,
+            "sum by (account) ("
+            + sel(
+                "whatsapp_can_send_message",
+                matcher("entity", "overall"),
+                matcher("status", "LIMITED|BLOCKED", "=~"),
+            )
+            + ")",
         ),
-        stat(
+        counted(
             "Templates paused or disabled",
             """Per account: message templates Meta paused or disabled (orange from one).
             Messages using them fail until they are approved again.""",
-            targets(
-                (
-                    "count by (account) ("
-                    + sel("whatsapp_template_status", matcher("status", "PAUSED|DISABLED", "=~"))
-                    + ")",
-                    "{{account}}",
-                )
-            ),
-            unit="short",
-            layout=layout,
-            size=(6, 4),
-            thresholds=steps("green", (1, "orange")),
-            sparkline=False,
+            "count by (account) ("
+            + sel("whatsapp_template_status", matcher("status", "PAUSED|DISABLED", "=~"))
+            + ")",
+            colour="orange",
             no_value="0",
         ),
-        stat(
+        counted(
             "Failing polls",
             """Per account and endpoint (health, templates, analytics): Meta targets whose newest
             poll failed (red from one); the landing page and
             whatsapp_exporter_poll_errors_total say why (auth: the token; rate_limited: Meta's
             budget).""",
-            targets(
-                (
-                    f"sum by (account, endpoint) (1 - {sel('whatsapp_exporter_up')})",
-                    "{{account}} {{endpoint}}",
-                )
-            ),
-            unit="short",
-            layout=layout,
-            size=(6, 4),
-            thresholds=steps("green", (1, "red")),
-            sparkline=False,
+            f"sum by (account, endpoint) (1 - {sel('whatsapp_exporter_up')})",
+            legend="{{account}} {{endpoint}}",
         ),
         row("Numbers", layout),
         state_timeline(
