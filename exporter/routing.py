@@ -12,8 +12,9 @@ from dataclasses import dataclass
 class Request:
     method: str
     path: str
-    headers: Mapping[str, str]  # names in any case (aiohttp's case-insensitive mapping)
+    headers: Mapping[str, str]  # names in any case (a case-insensitive mapping)
     body: bytes
+    query: str = ""  # the raw query string, without its "?" (Meta's subscription handshake)
 
 
 @dataclass(frozen=True)

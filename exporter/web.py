@@ -271,7 +271,9 @@ class WebServer:
         body = await _read_body(request) if method not in ("GET", "HEAD") else b""
         if isinstance(body, Response):
             return _web(body)
-        return _web(await route.handler(Request(method, path, request.headers, body)))
+        return _web(
+            await route.handler(Request(method, path, request.headers, body, request.query_string))
+        )
 
     async def _reload_request(self, request: web.Request) -> Response:
         if not self._lifecycle:
