@@ -37,6 +37,9 @@ class Route:
     path: str
     handler: Handler
     prefix: bool = False
+    # told when the HTTP layer refuses a request before the handler sees it ("too_large": a
+    # body over the limit), so a provider can count what it never received
+    refused: Callable[[Request, str], None] | None = None
 
     def matches(self, path: str) -> bool:
         if self.prefix:

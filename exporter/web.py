@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -269,11 +270,12 @@ class WebServer:
         if route is None:
             return _web(self._missing(method, path, routes, ingest_only))
         body = await _read_body(request) if method not in ("GET", "HEAD") else b""
+        seen = Request(method, path, request.headers, b"", request.query_string)
         if isinstance(body, Response):
+            if body.status == 413 and route.refused is not None:
+                route.refused(seen, "too_large")
             return _web(body)
-        return _web(
-            await route.handler(Request(method, path, request.headers, body, request.query_string))
-        )
+        return _web(await route.handler(dataclasses.replace(seen, body=body)))
 
     async def _reload_request(self, request: web.Request) -> Response:
         if not self._lifecycle:
