@@ -1,13 +1,15 @@
 """The HTTP surface: listeners, routes, auth and connection limits.
 
-aiohttp on the exporter's own event loop, so the web side reads the snapshot where it is written
-and no thread ever touches exporter state. /metrics is answered by the serving room
+Both listeners run on the exporter's own event loop, so the web side reads the snapshot where it
+is written and no thread ever touches exporter state: the main one on aiohttp, the ingest one on
+exporter.lean (httptools' parser), which costs a callback a fraction of aiohttp's per-request
+machinery at campaign rates. /metrics is answered by the serving room
 (exporter.serving: formats, gzip, streaming); this module routes to it, to the landing page,
 health, readiness, reload and providers' routes, and counts every answer by handler and code
 (the built-in handlers' usual codes from 0).
 
 Two listeners at most: the main one serves everything, behind the web config's TLS and basic
-auth; the optional ingest listener serves only providers' routes (D7's ingest API and webhook),
+auth; the optional ingest listener serves only providers' routes (ingest API and webhooks),
 which carry their own tokens, so the port that faces the internet exposes nothing else. Each
 connection must send its request headers within HEADER_TIMEOUT (and is closed after as long idle),
 a body within BODY_TIMEOUT, and at most MAX_CONNECTIONS are open per listener.
@@ -30,6 +32,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from exporter import lean
 from exporter import status as statuspage
 from exporter.routing import Request, Response, Route, json_response, text
 from exporter.serving import Scrapes
@@ -161,6 +164,7 @@ class WebServer:
         self._open: dict[str, int] = {}  # connections per listener, TLS handshakes included
         self._servers: list[asyncio.Server] = []
         self._sockets: dict[str, socket.socket] = {}
+        self._lean: weakref.WeakSet[lean.Connection] = weakref.WeakSet()
 
     @property
     def port(self) -> int:
@@ -175,9 +179,13 @@ class WebServer:
             self._sockets[name] = listen(address)
         loop = asyncio.get_running_loop()
         for name, sock in self._sockets.items():
+            tls = self._tls() if name == "main" else self._ingest_tls()
+            self._open[name] = 0
+            if name == "ingest":
+                self._servers.append(await self._serve_lean(name, sock, tls))
+                continue
             app = web.Application(client_max_size=MAX_BODY)
-            handler = self._dispatch if name == "main" else self._dispatch_ingest
-            app.router.add_route("*", "/{path:.*}", handler)
+            app.router.add_route("*", "/{path:.*}", self._dispatch)
             runner = web.AppRunner(
                 app,
                 access_log=None,
@@ -189,8 +197,6 @@ class WebServer:
             self._runners.append(runner)
             server = runner.server
             assert server is not None
-            tls = self._tls() if name == "main" else self._ingest_tls()
-            self._open[name] = 0
             self._servers.append(
                 await loop.create_server(
                     functools.partial(self._bounded, name, server),
@@ -201,14 +207,52 @@ class WebServer:
                 )
             )
 
+    async def _serve_lean(
+        self, name: str, sock: socket.socket, tls: ssl.SSLContext | None
+    ) -> asyncio.Server:
+        """The ingest listener on exporter.lean: callbacks at campaign rates."""
+
+        def extra() -> tuple[tuple[str, str], ...]:
+            return tuple(self._security().headers.items())
+
+        def connection() -> asyncio.Protocol:
+            release = self._admit(name)
+            if release is None:
+                return _Refuse()
+            made = lean.Connection(
+                self._ingest, extra, release, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_BODY
+            )
+            self._lean.add(made)
+            weakref.finalize(made, release)  # a TLS handshake that fails never reaches it
+            return made
+
+        return await asyncio.get_running_loop().create_server(
+            connection,
+            sock=sock,
+            backlog=BACKLOG,
+            ssl=tls,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
+        )
+
     def _bounded(self, listener: str, server: web.Server) -> asyncio.Protocol:
         """aiohttp's protocol for a new connection, or past the capacity one that answers 503
         and closes: an overloaded exporter says so instead of running out of descriptors, and
         a flood on one listener never starves the other. Counted here, at accept, so a TLS
         connection counts before (and whether or not) its handshake completes; released when
         the protocol is gone."""
-        if self._open[listener] >= capacity(len(self._sockets)):
+        release = self._admit(listener)
+        if release is None:
             return _Refuse()
+        counted = _Counted(server(), release)
+        # a TLS handshake that fails never reaches connection_lost: the protocol's end does
+        weakref.finalize(counted, release)
+        return counted
+
+    def _admit(self, listener: str) -> Callable[[], None] | None:
+        """A new connection counted against its listener's capacity, and how to release it
+        (at most once, whichever end comes first); None past the capacity."""
+        if self._open[listener] >= capacity(len(self._sockets)):
+            return None
         self._open[listener] += 1
         released = [False]
 
@@ -217,15 +261,14 @@ class WebServer:
                 released[0] = True
                 self._open[listener] -= 1
 
-        counted = _Counted(server(), release)
-        # a TLS handshake that fails never reaches connection_lost: the protocol's end does
-        weakref.finalize(counted, release)
-        return counted
+        return release
 
     async def stop(self) -> None:
         self._scrapes.stop()
         for server in self._servers:
             server.close()
+        for connection in list(self._lean):
+            connection.close()
         for runner in self._runners:
             await runner.cleanup()
         self._servers, self._runners = [], []
@@ -238,12 +281,26 @@ class WebServer:
             response = _web(text(401, "Unauthorized."))
             response.headers["WWW-Authenticate"] = 'Basic realm="whatsapp-exporter"'
         else:
-            response = await self._answer(request, ingest_only=False)
+            response = await self._answer(request)
         return self._finish(request, response, security)
 
-    async def _dispatch_ingest(self, request: web.Request) -> web.StreamResponse:
-        security = self._security()
-        return self._finish(request, await self._answer(request, ingest_only=True), security)
+    async def _ingest(self, request: Request, refusal: Response | None) -> Response:
+        """The ingest listener's requests: providers' routes only; `refusal` is the server's
+        own answer to a body it would not read (411, 413, 408)."""
+        path, method = request.path, request.method
+        routes = self._routes()
+        route = next((r for r in routes if r.method == method and r.matches(path)), None)
+        if route is None:
+            response = self._missing(method, path, routes, True)
+        elif refusal is not None:
+            if refusal.status == 413 and route.refused is not None:
+                route.refused(request, "too_large")
+            response = refusal
+        else:
+            response = await route.handler(request)
+        key = (_handler_label(path, routes), str(response.status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        return response
 
     def _finish(
         self, request: web.Request, response: web.StreamResponse, security: Security
@@ -254,21 +311,20 @@ class WebServer:
         self.requests[key] = self.requests.get(key, 0) + 1
         return response
 
-    async def _answer(self, request: web.Request, *, ingest_only: bool) -> web.StreamResponse:
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         path, method = request.path, request.method
         routes = self._routes()
-        if not ingest_only:
-            if path == "/metrics" and method in ("GET", "HEAD"):
-                return await self._scrapes.answer(request)
-            if method in ("GET", "HEAD"):
-                answer = await self._get(path, request.query.get("fragment") == "1")
-                if answer is not None:
-                    return _web(answer)
-            if method == "POST" and path == "/-/reload":
-                return _web(await self._reload_request(request))
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return await self._scrapes.answer(request)
+        if method in ("GET", "HEAD"):
+            answer = await self._get(path, request.query.get("fragment") == "1")
+            if answer is not None:
+                return _web(answer)
+        if method == "POST" and path == "/-/reload":
+            return _web(await self._reload_request(request))
         route = next((r for r in routes if r.method == method and r.matches(path)), None)
         if route is None:
-            return _web(self._missing(method, path, routes, ingest_only))
+            return _web(self._missing(method, path, routes, False))
         body = await _read_body(request) if method not in ("GET", "HEAD") else b""
         seen = Request(method, path, request.headers, b"", request.query_string)
         if isinstance(body, Response):
