@@ -455,10 +455,17 @@ def scrape_summary(scrapes: list[Scrape]) -> str:
 class Child:
     """A server under load in its own process: the baseline (from this file) or the exporter."""
 
-    def __init__(self, command: list[str], log: Path, port: int, webhook_path: str):
+    def __init__(
+        self,
+        command: list[str],
+        log: Path,
+        port: int,
+        webhook_path: str,
+        ingest_port: int | None = None,
+    ):
         self.log = log
         self.port = port
-        self.webhook_url = f"http://127.0.0.1:{port}{webhook_path}"
+        self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{webhook_path}"
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         with log.open("w") as stderr:
             self.process = subprocess.Popen(
@@ -492,16 +499,17 @@ class Child:
     retry_first: 1h
 """
         )
-        port = free_port()
+        port, ingest = free_port(), free_port()
         command = [
             sys.executable,
             "-m",
             "exporter",
             f"--config.file={config}",
             f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.ingest-address=127.0.0.1:{ingest}",
             f"--storage.path={workdir / 'exporter-storage'}",
         ]
-        return cls(command, workdir / "exporter.log", port, f"/webhooks/d7/{ACCOUNT}")
+        return cls(command, workdir / "exporter.log", port, f"/webhooks/d7/{ACCOUNT}", ingest)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
