@@ -405,3 +405,70 @@ def test_a_transaction_undone_to_break_a_deadlock_runs_again_and_counts_once(tmp
     assert totals.messages[("sent", "marketing", "unknown")] == 2
     assert totals.states == {"pending": 0, "done": 2, "expired": 0}
     ledger.close()
+
+
+# --- what a provider that is never polled per id (Meta) needs -----------------------------------
+
+WEBHOOKS_ONLY = Vocabulary(
+    title="the pushed",
+    statuses=("sent", "delivered", "read", "failed"),
+    final=frozenset({"read", "failed"}),
+    implies={"read": ("delivered", "sent"), "delivered": ("sent",)},
+    conversation_types=frozenset({"marketing"}),
+    message_types=frozenset(),
+    names=Names.of("pushed"),
+    settled_by_webhooks=True,
+    detailed=frozenset({"failed"}),
+    timed_from_hand_in=False,
+)
+
+
+def pushed(ledger: Ledger, *events: tuple[str, str, float, str]) -> None:
+    """Webhook events (message id, status, when, detail): the message id is the request id."""
+    batch = [
+        (
+            mid,
+            MessageUpdate(mid, status, "marketing", "", at, detail),
+            at if status == "sent" else None,
+        )
+        for mid, status, at, detail in events
+    ]
+    ledger.report("a", batch, SCHEDULE).result()
+
+
+def test_details_are_counted_once_per_message_bounded_and_kept(ledger_location, monkeypatch):
+    monkeypatch.setattr(ledger_module, "MAX_DETAILS", 3)
+    ledger = open_ledger(ledger_location, vocabulary=WEBHOOKS_ONLY)
+    try:
+        pushed(ledger, ("m1", "failed", 1e9, "131026"), ("m1", "failed", 1e9, "131026"))
+        pushed(ledger, ("m2", "failed", 1e9, "131026"), ("m3", "failed", 1e9, ""))
+        pushed(ledger, ("m4", "failed", 1e9, "1"), ("m5", "failed", 1e9, "2"))
+        pushed(ledger, ("m6", "sent", 1e9, "ignored: not a detailed status"))
+        expected = {("failed", "131026"): 2, ("failed", "unknown"): 1, ("failed", "1"): 1}
+        expected[("failed", "other")] = 1  # the fourth distinct code
+        assert ledger.totals()["a"].details == expected
+    finally:
+        ledger.close()
+    reopened = open_ledger(ledger_location, vocabulary=WEBHOOKS_ONLY)
+    try:
+        assert reopened.totals()["a"].details == expected
+    finally:
+        reopened.close()
+
+
+def test_without_a_sent_time_nothing_is_observed_and_quiet_deliveries_settle(ledger_location):
+    now = [10_000.0]
+    ledger = open_ledger(ledger_location, vocabulary=WEBHOOKS_ONLY, clock=lambda: now[0])
+    try:
+        pushed(ledger, ("m1", "delivered", 9_990.0, ""))  # its sent never came
+        pushed(ledger, ("m2", "sent", 9_960.0, ""), ("m2", "delivered", 9_990.0, ""))
+        pushed(ledger, ("m3", "sent", 9_000.0, ""), ("m3", "read", 9_500.0, ""))
+        totals = ledger.totals()["a"]
+        assert sum(totals.buckets["delivered"]) == 1 and totals.sums["delivered"] == 30.0
+        assert totals.states == {"pending": 2, "done": 1, "expired": 0}
+        assert ledger.settle_quiet("a", SCHEDULE).result() == 0  # delivered only just now
+        now[0] += SCHEDULE.final_after + 1
+        assert ledger.settle_quiet("a", SCHEDULE).result() == 2
+        assert ledger.totals()["a"].states == {"pending": 0, "done": 3, "expired": 0}
+    finally:
+        ledger.close()

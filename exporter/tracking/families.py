@@ -1,6 +1,8 @@
 """A ledger's totals as metric families, the same for every provider that tracks messages:
-`whatsapp_messages_total`, `whatsapp_tracked_<what>` and `whatsapp_message_delivery_seconds`
-(the design's "Delivery tracking"). A provider says only what its label and help texts are."""
+`whatsapp_messages_total`, `whatsapp_tracked_<what>`, `whatsapp_message_delivery_seconds` and,
+where a provider's statuses carry one, a family of details (Meta's failures by error code); see
+docs/architecture.md, "Delivery tracking". The shared families' help is the same whichever
+provider's samples come first in the exposition: one family has one HELP line."""
 
 from __future__ import annotations
 
@@ -18,16 +20,36 @@ class Shown:
 
     provider: str  # the `provider` label
     tracked: str  # whatsapp_tracked_<tracked>: what the ledger keeps, "requests" or "messages"
-    messages_help: str
     tracked_help: str
-    delivery_help: str
+    # Totals.details of one status as a counter: (status, family name, label, help)
+    details: tuple[str, str, str, str] | None = None
+
+
+MESSAGES_HELP = (
+    "Messages that reached a status, each counted once per status however often the provider "
+    "repeats it (read implies delivered implies sent)."
+)
+DELIVERY_HELP = (
+    "Seconds from a message's send (for D7, if it does not say, the id's hand-in to the "
+    "exporter) to its delivered and read status."
+)
+PROBLEMS_HELP = (
+    "Reports and webhook events the exporter could not wholly use: bad_report (a D7 report was "
+    "malformed; the id is asked again later), bad_timestamp (an event's time was no number, "
+    "before 2015 or in the future: its status was kept, its time ignored), unknown_waba (a Meta "
+    "webhook entry for a WABA no account is configured with: kept for the account of its URL)."
+)
+LAST_WEBHOOK_HELP = (
+    "Unix time of the newest webhook accepted for the account: a callback that stopped "
+    "arriving shows here long before the delivered ratio drifts."
+)
 
 
 def families(
     shown: Shown, totals: Mapping[str, Totals], accounts: Iterable[str] = ()
 ) -> list[Family]:
     """Every account in `accounts` is shown, at 0 until the ledger knows it."""
-    messages, tracked, delivery = [], [], []
+    messages, tracked, delivery, details = [], [], [], []
     for account in sorted({*totals, *accounts}):
         t = totals.get(account) or Totals()
         base = (("provider", shown.provider), ("account", account))
@@ -50,10 +72,17 @@ def families(
                 delivery.append(Sample((*labels, ("le", le)), float(running), "_bucket"))
             delivery.append(Sample(labels, float(running), "_count"))
             delivery.append(Sample(labels, t.sums.get(status, 0.0), "_sum"))
-    return [
-        Family("whatsapp_messages", "counter", shown.messages_help, tuple(messages)),
+        if shown.details is not None:
+            detailed, _, label, _ = shown.details
+            for (status, detail), count in sorted(t.details.items()):
+                if status == detailed:
+                    details.append(Sample((*base, (label, detail)), float(count), "_total"))
+    out = [
+        Family("whatsapp_messages", "counter", MESSAGES_HELP, tuple(messages)),
         Family(f"whatsapp_tracked_{shown.tracked}", "gauge", shown.tracked_help, tuple(tracked)),
-        Family(
-            "whatsapp_message_delivery_seconds", "histogram", shown.delivery_help, tuple(delivery)
-        ),
+        Family("whatsapp_message_delivery_seconds", "histogram", DELIVERY_HELP, tuple(delivery)),
     ]
+    if shown.details is not None:
+        _, name, _, help_text = shown.details
+        out.append(Family(name, "counter", help_text, tuple(details)))
+    return out

@@ -44,6 +44,9 @@ REFRESH_EVERY = 1.0  # seconds between reads of a shared ledger's counts
 # a thread (a concurrent one)
 Pending = asyncio.Future | Future
 MAX_BATCH = 1024  # jobs in one transaction at most
+MAX_DETAILS = 100  # distinct details per account and status; more are counted as "other"
+MAX_DETAIL = 32  # characters of one
+MAX_SETTLE = 10_000  # requests looked at by one settle_quiet; the next call takes the rest
 AGAIN = 3  # runs of a transaction the server undid to break a deadlock, before it fails
 # On a shared ledger, jobs whose account another replica has locked (its poll cycle) wait aside,
 # tried again this often, while the writer serves the rest; after PATIENCE they wait for it.
@@ -70,6 +73,13 @@ class Vocabulary:
     # polled per id (Meta), where nothing else would; D7's webhooks speak for one message of a
     # request, so only its poll settles one
     settled_by_webhooks: bool = False
+    # statuses whose detail (Meta: a failure's error code) is counted, once per message that
+    # newly reaches them, in Totals.details
+    detailed: frozenset[str] = frozenset()
+    # a delivery time starts at the `sent` status, or, unknown, at the id's hand-in (D7: the
+    # sending app hands ids in as it sends); off, a message whose sent time is unknown is not
+    # observed, rather than observed from whenever its first webhook happened to arrive
+    timed_from_hand_in: bool = True
 
     def status(self, raw: object) -> str:
         status = str(raw or "").strip().lower().replace(" ", "_").replace("-", "_")
@@ -92,6 +102,7 @@ class MessageUpdate(NamedTuple):
     conversation_type: str = ""
     message_type: str = ""
     at: float | None = None  # when the status happened, if the source says (webhooks do)
+    detail: str = ""  # what the status says besides itself (a failure's code), for `detailed`
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class Totals:
     buckets: dict[str, list[int]] = field(default_factory=dict)  # status -> per-bucket counts
     sums: dict[str, float] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    details: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, detail)
 
     def copy(self) -> Totals:
         return Totals(
@@ -134,6 +146,7 @@ class Totals:
             {s: list(b) for s, b in self.buckets.items()},
             dict(self.sums),
             dict(self.states),
+            dict(self.details),
         )
 
 
@@ -230,9 +243,14 @@ class _Counted:
     observed: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # per bucket
     seconds: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # their sum
     states: Counter[tuple[str, str]] = field(default_factory=Counter)  # requests moved
+    details: Counter[tuple[str, str, str]] = field(default_factory=Counter)
 
     def accounts(self) -> set[str]:
-        return {key[0] for counts in (self.messages, self.observed, self.states) for key in counts}
+        return {
+            key[0]
+            for counts in (self.messages, self.observed, self.states, self.details)
+            for key in counts
+        }
 
 
 @dataclass(slots=True)
@@ -351,6 +369,12 @@ class Ledger:
 
     def expire_old(self, account: str, schedule: Schedule) -> Pending:
         return self._submit(self._expire_old, (account, schedule), (account,))
+
+    def settle_quiet(self, account: str, schedule: Schedule) -> Pending:
+        """Requests whose messages were delivered `final_after` ago and never read are done:
+        for a provider never polled per id (Meta) no later answer would settle them, and they
+        would end as expired. Resolves to how many were settled."""
+        return self._submit(self._settle_quiet, (account, schedule), (account,))
 
     # --- reading ---
 
@@ -597,6 +621,23 @@ class Ledger:
     def _expire_old(self, account: str, schedule: Schedule) -> bool:
         return self._expire(account, self._clock(), schedule)
 
+    def _settle_quiet(self, account: str, schedule: Schedule) -> int:
+        now = self._clock()
+        rows = self._store.execute(
+            self._sql.delivered_before, (account, now - schedule.final_after, MAX_SETTLE)
+        ).fetchall()
+        ids = sorted({rid for (rid,) in rows})
+        if not ids:
+            return 0
+        known: dict[str, dict[str, tuple[frozenset[str], float | None]]] = {r: {} for r in ids}
+        for rid, msg_id, reached, delivered_at in self._store.execute(
+            self._sql.messages_of, (account, self._store.pack(ids))
+        ).fetchall():
+            known[rid][msg_id] = (frozenset(reached.split(",")) - {""}, delivered_at)
+        done = [rid for rid in ids if self._settled(known[rid], now, schedule)]
+        self._finish(account, done, "done", now)
+        return len(done)
+
     def _oldest_pending(self, account: str) -> float | None:
         row = self._store.execute(self._sql.oldest_pending, (account,)).fetchone()
         return row[0] if row else None
@@ -625,7 +666,7 @@ class Ledger:
             normalised.reached,
             normalised.text,
         )
-        counted, timed = self._counted.messages, v.timed
+        counted, timed, detailed = self._counted.messages, v.timed, v.detailed
         for rid in ids:
             messages = known[rid]
             for update in updates[rid]:
@@ -642,10 +683,16 @@ class Ledger:
                 at = update.at if update.at is not None else now
                 for reached_status in new:
                     counted[account, reached_status, conversation, kind] += 1
-                    if reached_status == status and status in timed:
+                    if reached_status != status:
+                        continue
+                    if status in timed:
                         if starts is None:
                             starts = self._starts(account, ids)
-                        self._observe(account, status, max(0.0, at - starts.get(rid, now)))
+                        start = starts.get(rid)
+                        if start is not None:
+                            self._observe(account, status, max(0.0, at - start))
+                    if status in detailed:
+                        self._detail(account, status, update.detail)
                 if status == "delivered" and delivered_at is None:
                     delivered_at = at
                 messages[msg_id] = (reached, delivered_at)
@@ -656,9 +703,24 @@ class Ledger:
         return known
 
     def _starts(self, account: str, ids: Sequence[str]) -> dict[str, float]:
-        """When each request was sent, or else handed in: where its delivery time starts."""
+        """When each request was sent, or else (if the vocabulary says so) handed in: where its
+        delivery time starts. An id with neither is not timed."""
         rows = self._store.execute(self._sql.starts, (account, self._store.pack(ids))).fetchall()
-        return {rid: sent if sent is not None else accepted for rid, accepted, sent in rows}
+        if self._v.timed_from_hand_in:
+            return {rid: sent if sent is not None else accepted for rid, accepted, sent in rows}
+        return {rid: sent for rid, _, sent in rows if sent is not None}
+
+    def _detail(self, account: str, status: str, detail: str) -> None:
+        """Bounded: a hostile sender's endless new codes end up as "other"."""
+        detail = detail[:MAX_DETAIL] or "unknown"
+        key = (status, detail)
+        known = self._totals.get(account)
+        if not (known and key in known.details) and (account, *key) not in self._counted.details:
+            distinct = {d for s, d in known.details if s == status} if known else set()
+            distinct |= {d for a, s, d in self._counted.details if a == account and s == status}
+            if len(distinct) >= MAX_DETAILS:
+                detail = "other"
+        self._counted.details[account, status, detail] += 1
 
     def _observe(self, account: str, status: str, seconds: float) -> None:
         bucket = bisect.bisect_left(BUCKETS, seconds)
@@ -712,8 +774,11 @@ class Ledger:
         with self._reading():
             with self._store.batch():  # every second on a shared ledger: one round trip
                 queries = (self._sql.message_counts, self._sql.delivery_seconds)
-                cursors = [self._store.execute(q) for q in (*queries, self._sql.state_counts)]
-            messages, seconds, states = (cursor.fetchall() for cursor in cursors)
+                cursors = [
+                    self._store.execute(q)
+                    for q in (*queries, self._sql.state_counts, self._sql.detail_counts)
+                ]
+            messages, seconds, states, details = (cursor.fetchall() for cursor in cursors)
             for account, status, conversation, kind, count in messages:
                 counted.messages[account, status, conversation, kind] = count
             for account, status, bucket, count, total in seconds:
@@ -721,6 +786,8 @@ class Ledger:
                 counted.seconds[account, status, bucket] = total
             for account, state, count in states:
                 counted.states[account, state] = count
+            for account, status, detail, count in details:
+                counted.details[account, status, detail] = count
         totals: dict[str, Totals] = {}
         _add_counts(totals, counted)
         return totals
@@ -736,6 +803,11 @@ class Ledger:
             self._store.executemany(
                 self._sql.add_delivery_seconds,
                 [(*key, n, counted.seconds[key]) for key, n in counted.observed.items()],
+            )
+        if counted.details:
+            self._store.executemany(
+                self._sql.add_detail_counts,
+                [(*key, count) for key, count in counted.details.items()],
             )
         moved = [(*key, change) for key, change in counted.states.items() if change]
         if moved:
@@ -824,6 +896,11 @@ class _Statements:
             " WHERE account = ? AND state = 'pending' AND next_poll_at <= ?"
             " ORDER BY next_poll_at LIMIT ?"
         )
+        self.delivered_before = sql(
+            "SELECT q.request_id FROM {p}requests AS q JOIN {p}messages AS m"
+            " ON m.account = q.account AND m.request_id = q.request_id"
+            " WHERE q.account = ? AND q.state = 'pending' AND m.delivered_at < ? LIMIT ?"
+        )
         self.oldest_pending = sql(
             "SELECT MIN(accepted_at) FROM {p}requests WHERE account = ? AND state = 'pending'"
         )
@@ -871,6 +948,12 @@ class _Statements:
             "SELECT account, status, bucket, count, sum FROM {p}delivery_seconds"
         )
         self.state_counts = sql(store.state_counts)
+        self.detail_counts = sql("SELECT account, status, detail, count FROM {p}detail_counts")
+        self.add_detail_counts = sql(
+            "INSERT INTO {p}detail_counts VALUES (?, ?, ?, ?) ON CONFLICT"
+            " (account, status, detail)"
+            " DO UPDATE SET count = {p}detail_counts.count + excluded.count"
+        )
         self.add_message_counts = sql(
             "INSERT INTO {p}message_counts VALUES (?, ?, ?, ?, ?) ON CONFLICT"
             " (account, status, conversation_type, message_type)"
@@ -943,6 +1026,9 @@ def _add_counts(totals: dict[str, Totals], counted: _Counted) -> None:
     for (account, state), change in counted.states.items():
         states = totals.setdefault(account, Totals()).states
         states[state] = states.get(state, 0) + change
+    for (account, *key), count in counted.details.items():
+        details = totals.setdefault(account, Totals()).details
+        details[tuple(key)] = details.get(tuple(key), 0) + count
 
 
 class _Replayable:

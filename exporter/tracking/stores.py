@@ -63,6 +63,14 @@ SCHEMA = (
     sum {real} NOT NULL,
     PRIMARY KEY (account, status, bucket)
 ){table_options}""",
+    # messages per status and detail (Meta: failed, per error code); empty for D7
+    """CREATE TABLE IF NOT EXISTS {p}detail_counts (
+    account TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    count {count} NOT NULL,
+    PRIMARY KEY (account, status, detail)
+){table_options}""",
 )
 
 

@@ -39,6 +39,7 @@ from exporter.providers.d7.ingest import Ingest
 from exporter.providers.d7.statuses import SHOWN, open_d7_ledger
 from exporter.routing import Route
 from exporter.tracking import Ledger, LedgerError, MessageUpdate, Pending, Totals, families
+from exporter.tracking.families import LAST_WEBHOOK_HELP, PROBLEMS_HELP
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +286,7 @@ class Tracking:
             Family(
                 "whatsapp_tracking_problems",
                 "counter",
-                "D7 reports and webhook events the exporter could not use: bad_report (one id's "
-                "report was malformed; the id is asked again later), bad_timestamp (an event's "
-                "time was no number, before 2015 or in the future: its status was kept, its "
-                "time ignored).",
+                PROBLEMS_HELP,
                 counted({"bad_report": "bad_report", "bad_timestamp": "bad_timestamp"}, "problem"),
             ),
             Family(
@@ -312,8 +310,7 @@ class Tracking:
             Family(
                 "whatsapp_exporter_last_webhook_timestamp_seconds",
                 "gauge",
-                "Unix time of the newest D7 webhook accepted for the account: a callback that "
-                "stopped arriving shows here long before the delivered ratio drifts.",
+                LAST_WEBHOOK_HELP,
                 tuple(Sample(_labels(a), at) for a, at in sorted(self.last_webhook.items())),
             ),
         ]

@@ -35,11 +35,7 @@ VOCABULARY = Vocabulary(
 SHOWN = Shown(
     provider="d7",
     tracked="requests",
-    messages_help="D7 messages that reached a status, each counted once per status (read implies "
-    "delivered implies sent).",
     tracked_help="D7 request ids in the exporter's ledger by state.",
-    delivery_help="Seconds from a D7 request's send (or its hand-in to the exporter) to a "
-    "message's delivered and read status.",
 )
 
 
