@@ -264,9 +264,24 @@ class Exporter:
                 changed=lambda name=name: self._state_changed_from_any_thread(name),
                 storage_url=self.options.storage_url,
                 storage_password=self.options.storage_password,
+                amend=functools.partial(self._amend, name),
             )
             self.states[name] = provider.open_state(context)
             self.snapshot.follow(name, functools.partial(self._state_families, name))
+
+    async def _amend(
+        self,
+        provider: str,
+        account: str,
+        endpoint: str,
+        target: str,
+        change: Callable[[Any], Any],
+        since: float,
+    ) -> bool:
+        """Only where this replica polls the account (the leader of its shard)."""
+        if self.scheduler is None:
+            return False
+        return await self.scheduler.amend(provider, account, endpoint, target, change, since)
 
     def _accounts(self, provider: str) -> dict[str, Any]:
         """The running config's accounts of a provider by name: asked on every ingest request,

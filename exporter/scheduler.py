@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,6 +338,47 @@ class Scheduler:
                 log.info("poll recovered", extra={"fields": _fields(key)})
         finally:
             ANSWERS.reset(token)
+
+    async def amend(
+        self,
+        provider: str,
+        account: str,
+        endpoint_name: str,
+        target: str,
+        change: Callable[[Any], Any],
+        since: float,
+    ) -> bool:
+        """A remembered result changed by a provider's webhook (`change(result)` -> the new one,
+        or None for no change) and shown at once, until the next poll says otherwise. Nothing
+        happens where nothing was polled yet, or the newest poll is newer than the news
+        (`since`, unix time): a webhook Meta retried for hours must not undo a fresher poll."""
+        poller = self._pollers.get((provider, account))
+        if poller is None:
+            return False
+        endpoint = next((e for e in poller.endpoints if e.name == endpoint_name), None)
+        known = poller.known.get(endpoint_name) if endpoint and endpoint.remember else None
+        if endpoint is None or known is None or target not in known:
+            return False
+        before = known[target]
+        result = change(before)
+        if result is None:
+            return False
+        rendered = await asyncio.get_running_loop().run_in_executor(
+            self._renderer,
+            _render,
+            endpoint,
+            target,
+            result,
+            (("provider", provider), ("account", account)),
+        )
+        key = TargetKey(provider, account, endpoint_name, target)
+        # (a poll that finished meanwhile is as fresh as the news, or fresher)
+        if known.get(target) is before and self.snapshot.amended(key, rendered, since):
+            known[target] = result
+            # the next poll renders even an answer byte for byte the previous one
+            poller.digests.pop((endpoint_name, target), None)
+            return True
+        return False
 
     def _failed(
         self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float

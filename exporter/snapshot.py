@@ -362,6 +362,23 @@ class Snapshot:
         )
         self._render_health(state)
 
+    def amended(self, key: TargetKey, families: Iterable[Family | Rendered], since: float) -> bool:
+        """A target's values changed by news from elsewhere (a provider's webhook) that
+        happened at `since`: shown at once, its health untouched. Refused (False) when the
+        target has no values shown or its newest success is later than the news, which the
+        poll then already knew."""
+        state = self._targets.get(key)
+        if state is None or state.last_success is None or state.stale:
+            return False
+        if state.last_success > since:
+            return False
+        self._put(
+            ("v", *_fields(key)),
+            families,
+            (("provider", key.provider), ("account", key.account)),
+        )
+        return True
+
     def unchanged(self, key: TargetKey, interval: float, duration: float) -> bool:
         """A success whose answer is byte for byte the previous one: only health is new. False
         when the target has no values to keep (never succeeded, or gone stale): render then."""

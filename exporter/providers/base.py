@@ -471,6 +471,9 @@ class StateContext:
     changed: Callable[[], None]  # thread-safe: the state's families changed
     storage_url: str | None = None  # a database replicas share (--storage.url), if any
     storage_password: str | None = None
+    # (account, endpoint, target, change, since) -> whether a remembered polled result was
+    # changed and shown at once (Scheduler.amend): news from a webhook, before the next poll
+    amend: Callable[[str, str, str, Callable[[Any], Any], float], Awaitable[bool]] | None = None
 
 
 class ProviderState(Protocol):
