@@ -1,6 +1,6 @@
 """Meta's Cloud API: two numbers (one FLAGGED at YELLOW, limited, with a limit Meta answered in an
 unknown form), templates (one PAUSED, some dropped over the cap), today's messages of one number
-and a rate-limited analytics poll of the other."""
+and a rate-limited analytics poll of the other; and what its webhooks told (TOTALS, HEARD)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,38 @@ import math
 
 from exporter.providers import meta
 from exporter.providers.base import PollError
+from exporter.providers.meta import webhooks
 from exporter.snapshot import TargetKey
-from tests.golden import new_snapshot
+from exporter.tracking import Totals
+from tests.golden import NOW, new_snapshot
+
+# what the status webhooks told: a campaign's funnel, failures by code, latency, and the
+# account's events (a restriction in force, one refused delivery, a bad status time)
+TOTALS = Totals(
+    messages={
+        ("sent", "marketing", ""): 1000,
+        ("delivered", "marketing", ""): 960,
+        ("read", "marketing", ""): 700,
+        ("failed", "unknown", ""): 25,
+        ("sent", "utility", ""): 40,
+        ("delivered", "utility", ""): 40,
+    },
+    buckets={"delivered": [300, 400, 200, 50] + [0] * 11 + [10], "read": [0] * 6 + [700] + [0] * 9},
+    sums={"delivered": 3210.5, "read": 52000.0},
+    states={"pending": 15, "done": 1040, "expired": 10},
+    details={("failed", "131026"): 20, ("failed", "131049"): 4, ("failed", "unknown"): 1},
+)
+HEARD = webhooks.Heard(
+    events={
+        ("messages", ""): 2500,
+        ("account_update", "ACCOUNT_RESTRICTION"): 1,
+        ("message_template_status_update", "PAUSED"): 1,
+    },
+    refused={"signature": 1, "verify_token": 0, "malformed": 0, "too_large": 0},
+    problems={"bad_timestamp": 1, "unknown_waba": 0},
+    last=NOW - 5,
+    restrictions={"RESTRICTED_BIZ_INITIATED_MESSAGING": NOW + 86400},
+)
 
 
 def exposition() -> bytes:
@@ -65,5 +95,8 @@ def exposition() -> bytes:
     snapshot.succeeded(key, 900, meta.analytics_families(key.target, messages), 0.125)
     key = TargetKey("meta", "acme", "analytics", "15550000002")
     snapshot.failed(key, 900, PollError("rate_limited", "HTTP 400: code 80007: rate limit"), 0.1)
+    snapshot.set_extra(
+        "meta", webhooks.webhook_families({"acme": TOTALS}, {"acme": HEARD}, [], NOW)
+    )
     snapshot.publish()
     return snapshot.exposition.plain

@@ -23,16 +23,18 @@ import math
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
+from exporter import tracking
 from exporter.config import (
     AccountBase,
     Defaults,
+    Duration,
     HeaderValue,
     RateLimit,
     Schedule,
@@ -50,9 +52,11 @@ from exporter.providers.base import (
     Known,
     PollError,
     Provider,
+    StateContext,
     account_wide,
     parse,
 )
+from exporter.providers.meta import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,12 @@ class Account(AccountBase):
     health: Schedule = Schedule()
     templates: Schedule = Schedule()
     analytics: Schedule = Schedule()
+    # messages known from status webhooks: a delivered one waits this long for `read`, one
+    # with no final status is expired after expire_after, finished ones are remembered (and
+    # not counted again when Meta repeats a status) for keep_finished
+    final_after: Duration = 86400.0
+    expire_after: Duration = 259200.0
+    keep_finished: Duration = 604800.0
 
     @field_validator("waba_id")
     @classmethod
@@ -197,6 +207,13 @@ class Account(AccountBase):
         if self.token is None and self.token_file is None and not self.headers:
             raise ValueError("give token or token_file, or headers with a BSP's own auth")
         return self
+
+    def schedule(self) -> tracking.Schedule:
+        return tracking.Schedule(
+            final_after=self.final_after,
+            expire_after=self.expire_after,
+            keep_finished=self.keep_finished,
+        )
 
 
 def headers(account: Account) -> dict[str, str]:
@@ -816,6 +833,83 @@ def analytics_families(number: str, result: DayMessages) -> list[Family]:
     ]
 
 
+# --- what a webhook changes of a poll's result ------------------------------------------------
+
+
+def amendment(field: str, value: Any) -> tuple[str, Callable[[Any], Any]] | None:
+    """The polled result a webhook change updates at once: (endpoint, result -> new result or
+    None). `value` is the change's parsed value (webhooks._Value); nothing in it is trusted."""
+    if field in TEMPLATE_CHANGES:
+        name = clean(value.message_template_name)
+        language = clean(value.message_template_language, 32)
+        changed = TEMPLATE_CHANGES[field](value)
+        if not name or not language or not changed:
+            return None
+        return "templates", functools.partial(_amend_template, name, language, changed)
+    if field == "phone_number_quality_update":
+        number = digits(_id_text(value.display_phone_number) or "")
+        raw = value.max_daily_conversations_per_business
+        if raw is None:
+            raw = value.current_limit
+        try:
+            limit = messaging_limit(raw)
+        except ValueError:
+            return None
+        if not number or limit is None:
+            return None
+        return "health", functools.partial(_amend_limit, number, limit)
+    return None
+
+
+def _template_status(value: Any) -> dict[str, str]:
+    event = state(value.event)
+    if event is None or event == "FLAGGED":  # flagged: a warning about quality, still approved
+        return {}
+    changed = {"status": "APPROVED" if event == "REINSTATED" else event}
+    category = state(value.message_template_category)
+    return {**changed, "category": category} if category else changed
+
+
+TEMPLATE_CHANGES: dict[str, Callable[[Any], dict[str, str]]] = {
+    "message_template_status_update": _template_status,
+    "message_template_quality_update": lambda v: (
+        {"quality": q} if (q := state(v.new_quality_score)) else {}
+    ),
+    "template_category_update": lambda v: {"category": c} if (c := state(v.new_category)) else {},
+}
+
+
+def _amend_template(
+    name: str, language: str, changed: dict[str, str], result: Templates
+) -> Templates | None:
+    """The template changed, or added (a new one, within the cap) with what the webhook says."""
+    kept = list(result.templates)
+    at = next((i for i, t in enumerate(kept) if (t.name, t.language) == (name, language)), None)
+    if at is None:
+        if len(kept) >= MAX_TEMPLATES or "status" not in changed:
+            return None
+        fresh = Template(name, language, changed.get("category", ""), changed["status"], "UNKNOWN")
+        kept.append(fresh)
+    else:
+        new = replace(kept[at], **changed)
+        if new == kept[at]:
+            return None
+        kept[at] = new
+    return replace(result, templates=tuple(kept))
+
+
+def _amend_limit(number: str, limit: float, result: Numbers) -> Numbers | None:
+    """Limits belong to the business portfolio: every number of the WABA shares the new one."""
+    if not any(n.number == number for n in result.numbers):
+        return None
+    numbers = tuple(replace(n, limit=limit) for n in result.numbers)
+    return None if numbers == result.numbers else replace(result, numbers=numbers)
+
+
+def open_state(context: StateContext) -> webhooks.Webhooks:
+    return webhooks.Webhooks(context, amendment)
+
+
 # --- endpoints ----------------------------------------------------------------------------------
 
 
@@ -877,5 +971,6 @@ PROVIDER = Provider(
     headers=headers,
     endpoints=endpoints,
     provider_error=provider_error,
+    open_state=open_state,
     answer_rules=ANSWER_RULES,
 )
