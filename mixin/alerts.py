@@ -271,6 +271,9 @@ def meta_alerts(c: Config) -> list[Rule]:
         return f"max by ({by}, {label}) ({c.m(metric, matcher)}) == 1"
 
     limit = c.m("whatsapp_messaging_limit")
+    restricted = c.m("whatsapp_account_restricted", 'provider="meta"')
+    last_webhook = c.m("whatsapp_exporter_last_webhook_timestamp_seconds", 'provider="meta"')
+    sent_today = c.m("whatsapp_analytics_messages", 'provider="meta"', 'state="sent"')
     auth_errors = c.m("whatsapp_exporter_poll_errors_total", 'provider="meta"', 'reason="auth"')
     by_template = "provider, account, template, language"
     return [
@@ -355,6 +358,51 @@ def meta_alerts(c: Config) -> list[Rule]:
             auth error (code 190: expired or invalid token, 10 or 200-299: a permission is
             missing). The same token sends the business' messages: they fail too.""",
             keep_firing_for="15m",
+        ),
+        alert(
+            c,
+            "WhatsAppMetaFailureRatioHigh",
+            f"""
+            whatsapp:messages_failed_per_sent:ratio_rate1h > {c.meta_failure_ratio_high}
+              and on (provider, account)
+            whatsapp:messages_sent:increase1h >= {c.meta_sent_min}
+            """,
+            "15m",
+            "warning",
+            "{{ $value | humanizePercentage }} of Meta messages of {{ $labels.account }} fail",
+            """Over the last hour Meta's status webhooks reported {{ $value | humanizePercentage }}
+            as many failed messages as sent ones for account {{ $labels.account }};
+            whatsapp_message_failures_total says which error codes.""",
+        ),
+        alert(
+            c,
+            "WhatsAppMetaAccountRestricted",
+            f"max by (provider, account) ({restricted}) == 1",
+            "5m",
+            "critical",
+            "Meta restricted or disabled the account {{ $labels.account }}",
+            """Meta's account_update webhook for account {{ $labels.account }} announced a
+            restriction that has not expired, or a ban (DISABLE or SCHEDULE_FOR_DISABLE):
+            business-initiated messages fail until it ends or Meta reinstates the account.""",
+        ),
+        alert(
+            c,
+            "WhatsAppMetaWebhooksSilent",
+            # no series for an account without webhooks; an idle account sends nothing today
+            f"""
+            time() - max by (provider, account) ({last_webhook}) > {c.meta_webhooks_silent_after}
+              and on (provider, account)
+            sum by (provider, account) (
+              increase(max by (provider, account, number) ({sent_today})[1h:5m])
+            ) > 0
+            """,
+            "15m",
+            "warning",
+            "No Meta webhook for {{ $labels.account }} for {{ $value | humanizeDuration }}",
+            """The newest webhook from Meta for account {{ $labels.account }} is
+            {{ $value | humanizeDuration }} old although its numbers sent messages in the last
+            hour (the polled analytics): message statuses, quality and template updates no
+            longer reach the exporter.""",
         ),
     ]
 

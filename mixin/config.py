@@ -18,7 +18,7 @@ RUNBOOKS = (
 
 # The providers whose delivery has a service level indicator (docs/slo.md); Kaleyra's client
 # counts what it sends, not what was delivered, so it has none.
-SLO_PROVIDERS = ("d7", "whatsgate", "betatel")
+SLO_PROVIDERS = ("d7", "whatsgate", "betatel", "meta")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ class Config:
     d7_outcomes_min: int = 20
     backlog: int = 100  # D7 pending ids, Kaleyra callback queue and pending messages
     stale_after: int = 1800  # seconds without a successful poll
+    # Meta's status webhooks: failed per sent message over an hour, with at least this many sent
+    meta_failure_ratio_high: float = 0.2
+    meta_sent_min: int = 50
+    # seconds without any webhook while the polled analytics count sends in the last hour: the
+    # hour more leaves room for the analytics' own lag and their 15-minute poll
+    meta_webhooks_silent_after: int = 7200
 
     def objective_of(self, provider: str) -> float:
         return self.objectives.get(provider, self.objective)

@@ -16,6 +16,8 @@ from mixin.rulefile import Group, Rule
 
 D7_FINAL = "delivered|un_delivered|rejected|insufficient_credit"
 D7_FAILED = "un_delivered|rejected|insufficient_credit"
+# Meta's statuses from its webhooks: read implies delivered, so delivered or failed is an outcome
+META_FINAL = "delivered|failed"
 # the multiwindow, multi-burn-rate alerts' windows (SRE workbook, chapter 5)
 SLO_WINDOWS = ("5m", "30m", "1h", "6h")
 BY_DEVICE = "provider, account, device"
@@ -32,9 +34,14 @@ def record(name: str, expr: str, comment: str = "", **labels: str) -> Rule:
 
 def shared(c: Config) -> list[Rule]:
     balance = f"min by ({BY_DEVICE}) ({c.m('whatsapp_balance_remaining_messages')})"
+    # D7's own statuses, pinned: Meta's webhooks count whatsapp_messages_total too
+    d7_delivered = c.m("whatsapp_messages_total", 'provider="d7"', 'status="delivered"')
+    final = c.m("whatsapp_messages_total", 'provider="d7"', f'status=~"{D7_FINAL}"')
     delivered = c.m("whatsapp_messages_total", 'status="delivered"')
     read = c.m("whatsapp_messages_total", 'status="read"')
-    final = c.m("whatsapp_messages_total", f'status=~"{D7_FINAL}"')
+    meta_sent = c.m("whatsapp_messages_total", 'provider="meta"', 'status="sent"')
+    meta_failed = c.m("whatsapp_messages_total", 'provider="meta"', 'status="failed"')
+    sent_1h = f"sum by (provider, account) (increase({meta_sent}[1h]))"
     pending = c.m("whatsapp_tracked_requests", 'state="pending"')
     failed = c.m("whatsapp_device_messages", 'state="failed"')
     successful = c.m("whatsapp_device_messages", 'state="successful"')
@@ -62,12 +69,12 @@ def shared(c: Config) -> list[Rule]:
         record(
             "whatsapp:messages_delivered:ratio_rate1h",
             f"""
-            sum by (provider, account) (increase({delivered}[1h]))
+            sum by (provider, account) (increase({d7_delivered}[1h]))
               / sum by (provider, account) (increase({final}[1h]))
               > -1
             """,
-            "D7: delivered share of the messages that reached an outcome, and read share of the "
-            "delivered ones, over the last hour.",
+            "D7: delivered share of the messages that reached an outcome, and (D7 and Meta) read "
+            "share of the delivered ones, over the last hour.",
         ),
         record(
             "whatsapp:messages_read:ratio_rate1h",
@@ -94,6 +101,23 @@ def shared(c: Config) -> list[Rule]:
             "D7: how fast the pending ids grow, per second over 30 minutes.",
         ),
         record(
+            "whatsapp:messages_sent:increase1h",
+            sent_1h,
+            "Meta: messages sent in the last hour (what the failure ratio rests on), and failed "
+            "messages per sent one over that hour (0, not absent, when none failed; above 1 "
+            "when Meta fails messages it never sent).",
+        ),
+        record(
+            "whatsapp:messages_failed_per_sent:ratio_rate1h",
+            f"""
+            (
+              sum by (provider, account) (increase({meta_failed}[1h]))
+              or {sent_1h} * 0
+            )
+              / ({sent_1h} > 0)
+            """,
+        ),
+        record(
             "whatsapp:client_app_callback_queue_size:deriv10m",
             f"""
             deriv(max by ({BY_NUMBER}) ({c.m("whatsapp_client_app_callback_queue_size")})[10m:])
@@ -110,22 +134,42 @@ def shared(c: Config) -> list[Rule]:
     ]
 
 
+# the providers that count each message once per status in whatsapp_messages_total:
+# (the statuses that are an outcome, those that are a failure)
+STATUS_SLIS = {"d7": (D7_FINAL, D7_FAILED), "meta": (META_FINAL, "failed")}
+
+
 def _outcomes_and_failures(c: Config, w: str) -> list[Rule]:
     """Each provider's SLI in one shape: outcomes and failures per second, by provider and
     account, one `or` branch per provider (their `provider` labels never overlap). A failures
     series exists wherever outcomes do (0 when nothing failed), so the ratios and the 30-day
     sums never miss an account that is doing well."""
-    d7 = c.m("whatsapp_messages_total", f'status=~"{D7_FINAL}"')
-    d7_failed = c.m("whatsapp_messages_total", f'status=~"{D7_FAILED}"')
+    outcomes, failures = [], []
+    for provider, (final, failed) in STATUS_SLIS.items():
+        counted = f"sum by (provider, account) (rate({{}}[{w}]))"
+        of = f'provider="{provider}"'
+        outcome = counted.format(c.m("whatsapp_messages_total", of, f'status=~"{final}"'))
+        failure = counted.format(c.m("whatsapp_messages_total", of, f'status=~"{failed}"'))
+        outcomes.append(outcome)
+        failures.append(f"(\n  {failure}\n  or {outcome} * 0\n)")
     wg = c.m("whatsapp_device_messages", 'state=~"successful|failed"')
     wg_failed = c.m("whatsapp_device_messages", 'state="failed"')
     window = f'window="{c.betatel_window}"'
     requests = f"avg_over_time({c.m('whatsapp_stats_requests', window)}[{w}])"
     transactions = f"avg_over_time({c.m('whatsapp_stats_transactions', window)}[{w}])"
     seconds = c.betatel_window_seconds
+    outcomes += [
+        f"sum by (provider, account) (rate({wg}[{w}]))",
+        f"max by (provider, account) ({requests}) / {seconds}",
+    ]
+    failures += [
+        f"sum by (provider, account) (rate({wg_failed}[{w}]))",
+        f"max by (provider, account) (clamp_min({requests} - {transactions}, 0)) / {seconds}",
+    ]
     comment = (
         "D7: messages that reached a final status; failed: un_delivered, rejected, "
         "insufficient_credit (read implies delivered and is counted there). "
+        "Meta: messages delivered or failed, from its status webhooks (read implies delivered). "
         "WhatsGate: today's successful and failed counts are running totals that reset at "
         "midnight, which is a counter's behaviour: rate() takes the first value after the "
         "reset as counted from zero (delta() clipped at 0 would lose a whole window across "
@@ -138,28 +182,10 @@ def _outcomes_and_failures(c: Config, w: str) -> list[Rule]:
     return [
         record(
             f"whatsapp:delivery_outcomes:rate{w}",
-            f"""
-            sum by (provider, account) (rate({d7}[{w}]))
-            or
-            sum by (provider, account) (rate({wg}[{w}]))
-            or
-            max by (provider, account) ({requests}) / {seconds}
-            """,
+            "\nor\n".join(outcomes),
             comment if w == SLO_WINDOWS[0] else "",
         ),
-        record(
-            f"whatsapp:delivery_failures:rate{w}",
-            f"""
-            (
-              sum by (provider, account) (rate({d7_failed}[{w}]))
-              or sum by (provider, account) (rate({d7}[{w}])) * 0
-            )
-            or
-            sum by (provider, account) (rate({wg_failed}[{w}]))
-            or
-            max by (provider, account) (clamp_min({requests} - {transactions}, 0)) / {seconds}
-            """,
-        ),
+        record(f"whatsapp:delivery_failures:rate{w}", "\nor\n".join(failures)),
     ]
 
 

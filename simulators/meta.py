@@ -820,5 +820,8 @@ KIT = Kit(
         "WhatsAppMessagingLimitDowngraded",
         "WhatsAppTemplatePausedOrDisabled",
         "WhatsAppMetaTokenRejected",
+        "WhatsAppMetaFailureRatioHigh",
+        "WhatsAppMetaAccountRestricted",
+        "WhatsAppMetaWebhooksSilent",
     ),
 )

@@ -19,24 +19,17 @@ from mixin.dashboards.builder import (
     targets,
     timeseries,
 )
-from mixin.dashboards.shared import poll_errors
+from mixin.dashboards.shared import (
+    messages_by_status,
+    pending_and_expired,
+    poll_errors,
+    time_to,
+)
 
 
 def d7(c: Config) -> Json:
     layout = Layout()
     failed_messages = sel("whatsapp_messages_total", matcher("status", D7_FAILED, "=~"))
-
-    def quantiles(status: str) -> list[Json]:
-        buckets = sel("whatsapp_message_delivery_seconds_bucket", matcher("status", status))
-        return targets(
-            *(
-                (
-                    f"histogram_quantile({q}, sum by (account, le) (rate({buckets}[{RATE}])))",
-                    f"{{{{account}}}} p{round(q * 100)}",
-                )
-                for q in (0.5, 0.9, 0.99)
-            )
-        )
 
     panels = [
         row("Last hour", layout),
@@ -86,28 +79,14 @@ def d7(c: Config) -> Json:
             thresholds=steps("blue"),
         ),
         row("Statuses and ratios", layout),
-        timeseries(
-            "Messages by status",
+        messages_by_status(
+            layout,
             """Messages reaching each status per minute (a read message also counts as
             delivered and sent). delivered should follow sent closely; un_delivered, rejected or
             insufficient_credit rising is the problem to chase (insufficient_credit: top up the
             D7 account).""",
-            targets(
-                (
-                    f"sum by (account, status) "
-                    f"(rate({sel('whatsapp_messages_total')}[{RATE}])) * 60",
-                    "{{status}} ({{account}})",
-                )
-            ),
-            unit="count:msg/min",
-            layout=layout,
-            overrides=[
-                colour_by_name("^sent .*", "blue"),
-                colour_by_name("^delivered .*", "green"),
-                colour_by_name("^read .*", "purple"),
-                colour_by_name("^(un_delivered|rejected) .*", "red"),
-                colour_by_name("^insufficient_credit .*", "orange"),
-            ],
+            colour_by_name("^(un_delivered|rejected) .*", "red"),
+            colour_by_name("^insufficient_credit .*", "orange"),
         ),
         timeseries(
             "Delivered and read ratio (1h)",
@@ -126,27 +105,21 @@ def d7(c: Config) -> Json:
             max_value=1,
         ),
         row("Latency", layout),
-        timeseries(
+        time_to(
+            "delivered",
             "Time to delivered",
             """Median, 90th and 99th percentile of the time from send to delivered for the
             messages delivered in each interval. A rising p50 means D7 or WhatsApp are slow for
             everyone; a rising p99 alone means a few recipients are offline.""",
-            quantiles("delivered"),
-            unit="s",
-            layout=layout,
-            custom={"scaleDistribution": {"type": "log", "log": 10}},
-            min_value=None,
+            layout,
         ),
-        timeseries(
+        time_to(
+            "read",
             "Time to read",
             """Median, 90th and 99th percentile of the time from send to read for the messages
             read in each interval. Mostly the recipients' habits; a sudden jump for every
             percentile may mean read receipts arrive late.""",
-            quantiles("read"),
-            unit="s",
-            layout=layout,
-            custom={"scaleDistribution": {"type": "log", "log": 10}},
-            min_value=None,
+            layout,
         ),
         row("Failures and request ids", layout),
         timeseries(
@@ -166,24 +139,14 @@ def d7(c: Config) -> Json:
             layout=layout,
             overrides=[HIDE_ALL_ZERO],
         ),
-        timeseries(
+        pending_and_expired(
+            "whatsapp_tracked_requests",
             "Pending and expired requests",
             """Request ids still followed (pending) and those given up on (expired: no final
             status within expire_after, default 72h, or unknown to D7 after not_found_grace).
             Expired ids are kept for keep_finished (7d); a rise means ids the exporter could not
             follow, so the ratios miss them.""",
-            targets(
-                (
-                    sel("whatsapp_tracked_requests", 'state=~"pending|expired"'),
-                    "{{account}} {{state}}",
-                )
-            ),
-            unit="short",
-            layout=layout,
-            overrides=[
-                colour_by_name(".* pending$", "blue"),
-                colour_by_name(".* expired$", "orange"),
-            ],
+            layout,
         ),
         timeseries(
             "Pending growth",

@@ -15,6 +15,7 @@ from mixin.dashboards.builder import (
     Layout,
     dashboard,
     link_to,
+    matcher,
     override,
     row,
     sel,
@@ -24,7 +25,7 @@ from mixin.dashboards.builder import (
     timeseries,
     value_map,
 )
-from mixin.dashboards.shared import poll_errors
+from mixin.dashboards.shared import newest_webhook, poll_errors
 
 
 def right_axis(ref: str, unit: str) -> Json:
@@ -101,24 +102,16 @@ def exporter(c: Config) -> Json:
             sparkline=False,
             decimals=0,
         ),
-        stat(
+        newest_webhook(
+            layout,
             "Newest D7 webhook",
             """How long ago each D7 account's delivery webhook last arrived. Growing while you
             send: D7's callback no longer reaches the exporter (a changed URL, secret or
             certificate, or the ingest listener unreachable); statuses then come only from the
             slower report polls.""",
-            targets(
-                (
-                    "time() - max by (account) "
-                    f"({sel('whatsapp_exporter_last_webhook_timestamp_seconds')})",
-                    "{{account}}",
-                )
-            ),
-            unit="s",
-            layout=layout,
-            size=(4, 4),
-            thresholds=steps("green", (900, "orange"), (3600, "red")),
-            sparkline=False,
+            (4, 4),
+            steps("green", (900, "orange"), (3600, "red")),
+            matcher("provider", "d7"),
             links=link_to("d7", "D7 delivery"),
         ),
         row("Polling", layout),

@@ -7,7 +7,9 @@ from mixin.dashboards.builder import (
     RATE,
     Json,
     Layout,
+    colour_by_name,
     fixed_colour,
+    matcher,
     override,
     sel,
     stat,
@@ -112,3 +114,94 @@ def poll_errors(layout: Layout, by: str, legend: str, **extra) -> Json:
 
 
 # --- the dashboards -----------------------------------------------------------------------------
+
+
+# --- delivery tracked from statuses (D7 and Meta) -----------------------------------------------
+
+
+def messages_by_status(layout: Layout, description: str, *overrides: Json) -> Json:
+    """Each status's rate per account; sent, delivered and read in the same colours everywhere,
+    the provider's failures in `overrides`."""
+    return timeseries(
+        "Messages by status",
+        description,
+        targets(
+            (
+                f"sum by (account, status) (rate({sel('whatsapp_messages_total')}[{RATE}])) * 60",
+                "{{status}} ({{account}})",
+            )
+        ),
+        unit="count:msg/min",
+        layout=layout,
+        overrides=[
+            colour_by_name("^sent .*", "blue"),
+            colour_by_name("^delivered .*", "green"),
+            colour_by_name("^read .*", "purple"),
+            *overrides,
+        ],
+    )
+
+
+def time_to(status: str, title: str, description: str, layout: Layout) -> Json:
+    """Median, 90th and 99th percentile of whatsapp_message_delivery_seconds{status}."""
+    buckets = sel("whatsapp_message_delivery_seconds_bucket", matcher("status", status))
+    return timeseries(
+        title,
+        description,
+        targets(
+            *(
+                (
+                    f"histogram_quantile({q}, sum by (account, le) (rate({buckets}[{RATE}])))",
+                    f"{{{{account}}}} p{round(q * 100)}",
+                )
+                for q in (0.5, 0.9, 0.99)
+            )
+        ),
+        unit="s",
+        layout=layout,
+        custom={"scaleDistribution": {"type": "log", "log": 10}},
+        min_value=None,
+    )
+
+
+def pending_and_expired(metric: str, title: str, description: str, layout: Layout) -> Json:
+    return timeseries(
+        title,
+        description,
+        targets((sel(metric, 'state=~"pending|expired"'), "{{account}} {{state}}")),
+        unit="short",
+        layout=layout,
+        overrides=[
+            colour_by_name(".* pending$", "blue"),
+            colour_by_name(".* expired$", "orange"),
+        ],
+    )
+
+
+def newest_webhook(
+    layout: Layout,
+    title: str,
+    description: str,
+    size: tuple[int, int],
+    thresholds: Json,
+    *matchers: str,
+    **extra,
+) -> Json:
+    """Per account, how long ago its provider's newest webhook arrived."""
+    return stat(
+        title,
+        description,
+        targets(
+            (
+                "time() - max by (account) "
+                f"({sel('whatsapp_exporter_last_webhook_timestamp_seconds', *matchers)})",
+                "{{account}}",
+            )
+        ),
+        unit="s",
+        layout=layout,
+        size=size,
+        thresholds=thresholds,
+        sparkline=False,
+        **extra,
+    )

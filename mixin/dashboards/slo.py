@@ -2,7 +2,7 @@
 the success ratio behind them (docs/slo.md says what each provider's ratio means).
 
 Every query reads the recording rules of the `whatsapp.slo` group, never a provider's own
-series, so D7, WhatsGate and Betatel look alike here.
+series, so D7, WhatsGate, Betatel and Meta look alike here.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def slo(c: Config) -> Json:
         timeseries(
             "Success ratio",
             """Share of outcomes that succeeded over the last hour and the last 6 hours, per
-            provider and account: D7 delivered, WhatsGate successful, Betatel processed
+            provider and account: D7 and Meta delivered, WhatsGate successful, Betatel processed
             (docs/slo.md). The red band is below the default objective.""",
             targets(
                 (sel("whatsapp:delivery_success:ratio_rate1h"), f"{PER_ACCOUNT} 1h"),
