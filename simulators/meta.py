@@ -465,7 +465,8 @@ class MetaSimulator(Simulator):
                 steps, code = self._fate(rng)
                 wamid, message = self._message(rng, now, code)
                 wamids.append(wamid)
-                self._add(number, int("sent" in steps), int("delivered" in steps))
+                names = {name for name, _ in steps}
+                self._add(number, int("sent" in names), int("delivered" in names))
                 start = now - steps[-1][1] if at_once else now
                 events = [
                     [
