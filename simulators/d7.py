@@ -27,6 +27,7 @@ from simulators.server import (
     Response,
     Route,
     Simulator,
+    check_probabilities,
     control_json,
     json_response,
     log,
@@ -150,13 +151,7 @@ class D7Simulator(Simulator):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        for key, value in (
-            ("p_undelivered", p_undelivered),
-            ("p_rejected", p_rejected),
-            ("p_read", p_read),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} must be between 0 and 1")
+        check_probabilities(p_undelivered=p_undelivered, p_rejected=p_rejected, p_read=p_read)
         self.token = token
         self.index_delay = float(index_delay)
         self.p_undelivered = p_undelivered

@@ -5,15 +5,28 @@ Bearer tokens (or a BSP's own header, as 360dialog's `D360-API-KEY`), `fields` s
 paging with `paging.next`, Graph error bodies with their codes (a rate limit is an HTTP 400), and
 `X-Business-Use-Case-Usage` on every answer, rising with the calls of the last hour. In demo mode
 quality ratings, the portfolio's messaging limit and template statuses change over time.
+
+Given a `webhook_url`, it also POSTs the webhooks a Meta app subscribed to the WABA receives,
+signed with the `app_secret` as Meta signs them: message statuses as Meta delivers them (at least
+once, sometimes out of order, several in one POST, retried with back-off when the receiver fails),
+and template, limit and account changes that agree with what the next poll answers.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import heapq
+import hmac
+import itertools
 import json
 import math
+import random
 import re
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,8 +40,10 @@ from simulators.server import (
     Response,
     Route,
     Simulator,
+    check_probabilities,
     control_json,
     json_response,
+    log,
     route,
 )
 
@@ -50,6 +65,36 @@ TEMPLATE_NAMES = (
     ("spring_sale", "MARKETING"),
     ("appointment_reminder", "UTILITY"),
 )
+
+CATEGORIES = ("marketing", "utility", "authentication", "service")
+# Meta's error codes of a failed status: title, error_data.details; only 131026 follows a `sent`
+FAILURES = {
+    131026: (
+        "Message undeliverable",
+        "Unable to deliver message. Reasons can include: the recipient phone number is not a "
+        "WhatsApp phone number; the recipient has not accepted WhatsApp's new Terms of Service.",
+    ),
+    131047: (
+        "Re-engagement message",
+        "Message failed to send because more than 24 hours have passed since the customer last "
+        "replied to this number.",
+    ),
+    131049: (
+        "This message was not delivered to maintain healthy ecosystem engagement.",
+        "In order to maintain a healthy ecosystem engagement, the message failed to be delivered.",
+    ),
+    130472: (
+        "User's number is part of an experiment",
+        "Failed to send message because this user's phone number is part of an experiment",
+    ),
+}
+ERROR_HREF = "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/"
+RESTRICTIONS = ("RESTRICTED_BIZ_INITIATED_MESSAGING", "RESTRICTED_ADD_PHONE_NUMBER_ACTION")
+REINSTATEMENTS = ("ACCOUNT_RECONNECTED", "DISABLED_UPDATE")
+SIGNATURES = ("valid", "invalid", "missing")
+WEBHOOK_TIMEOUT = 2.0
+MAX_BATCH = 10
+USER_AGENT = "facebookexternalua"
 
 
 @dataclass
@@ -81,12 +126,45 @@ class Template:
     quality: str = "GREEN"
 
 
+@dataclass(order=True)
+class _Post:
+    """A webhook POST waiting in the courier's queue. A message status has no body until it is
+    due, when the statuses due with it for the same number may join it; a built body is kept
+    byte for byte across retries, as Meta's are."""
+
+    due: float  # time.monotonic()
+    seq: int
+    number: tuple[str, str] = field(compare=False)  # display digits, phone_number_id
+    status: dict[str, Any] | None = field(compare=False)
+    body: bytes | None = field(compare=False, default=None)
+    attempts: int = field(compare=False, default=0)
+    statuses: int = field(compare=False, default=0)
+
+
+@dataclass
+class WebhookCounts:
+    """What the courier did, for tests: POSTs answered 2xx, attempts that failed (non-2xx or no
+    connection), retries scheduled, POSTs given up on; `statuses` counts the delivered ones."""
+
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    dropped: int = 0
+    statuses: int = 0
+
+
 class MetaSimulator(Simulator):
     """`bsp_header="D360-API-KEY"` answers like a BSP that passes the Graph API through (that
     header, not a Bearer token, and no version in the path; 360dialog's own paths differ);
     `call_budget` is the calls an hour before Meta's code 80007 (None: unlimited, the usage
     header then stays low); `limit_form="integer"` sends the messaging limit as a number
-    instead of a tier string."""
+    instead of a tier string.
+
+    Webhooks go to `webhook_url` (None: none are sent) signed with `app_secret` (None: unsigned).
+    Of the messages sent, `p_failed` fail and `p_read` of the others are read; each status is
+    sent twice with `p_duplicate`, a message's statuses swap places with `p_out_of_order`, and a
+    due status takes the others due for its number into one POST with `p_batch`. A POST that
+    fails is tried again `webhook_retries` times, after `webhook_backoff` seconds, doubling."""
 
     name = "meta"
     base_path = "/" + VERSION
@@ -95,6 +173,7 @@ class MetaSimulator(Simulator):
     P_QUALITY = 0.02
     P_LIMIT = 0.01
     P_TEMPLATE = 0.01
+    P_ACCOUNT = 0.003
 
     def __init__(
         self,
@@ -108,8 +187,28 @@ class MetaSimulator(Simulator):
         usage_window: float = 3600.0,
         limit: str = "TIER_10K",
         limit_form: str = "tier",
+        webhook_url: str | None = None,
+        app_secret: str | None = None,
+        p_read: float = 0.7,
+        p_failed: float = 0.03,
+        p_duplicate: float = 0.05,
+        p_out_of_order: float = 0.05,
+        p_batch: float = 0.2,
+        webhook_retries: int = 4,
+        webhook_backoff: float = 1.0,
         **base: Any,
     ) -> None:
+        check_probabilities(
+            p_read=p_read,
+            p_failed=p_failed,
+            p_duplicate=p_duplicate,
+            p_out_of_order=p_out_of_order,
+            p_batch=p_batch,
+        )
+        if isinstance(webhook_retries, bool) or not isinstance(webhook_retries, int):
+            raise ValueError("webhook_retries must be an integer")
+        if webhook_retries < 0 or webhook_backoff < 0:
+            raise ValueError("webhook_retries and webhook_backoff must be >= 0")
         if not waba_id.isdigit():
             raise ValueError("waba_id must be digits")
         if limit not in LIMITS:
@@ -126,6 +225,22 @@ class MetaSimulator(Simulator):
         self.limit = limit
         self.limit_form = limit_form
         self.waba_can_send = "AVAILABLE"
+        self._restricted_until = 0.0  # an ACCOUNT_RESTRICTION's end, as the webhook said
+        self.webhook_url = webhook_url
+        self.app_secret = app_secret
+        self.p_read, self.p_failed = p_read, p_failed
+        self.p_duplicate, self.p_out_of_order, self.p_batch = p_duplicate, p_out_of_order, p_batch
+        self.webhook_retries = webhook_retries
+        self.webhook_backoff = float(webhook_backoff)
+        # the courier's own lock, queue and randomness: it never takes the state's lock
+        self._outbox = threading.Condition(threading.Lock())
+        self._queue: list[_Post] = []
+        self._in_flight = 0
+        self._sequence = itertools.count()
+        self._counts = WebhookCounts()
+        self._last_drop_log = -math.inf
+        self._courier: threading.Thread | None = None
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._calls: deque[float] = deque()
         self._blocked_until = 0.0  # an injected rate limit (code 80007)
         self.base_path = "" if bsp_header is not None else "/" + VERSION  # read by routes()
@@ -138,6 +253,7 @@ class MetaSimulator(Simulator):
             name, category = TEMPLATE_NAMES[index % len(TEMPLATE_NAMES)]
             suffix = f"_{index // len(TEMPLATE_NAMES) + 1}" if index >= len(TEMPLATE_NAMES) else ""
             self.add_template(name + suffix, "en_US", category)
+        self._courier_random = random.Random(None if self.seed is None else self.seed + 1)
 
     # --- explicit state changes -----------------------------------------------------------------
 
@@ -180,8 +296,11 @@ class MetaSimulator(Simulator):
                 raise ValueError(f"{key} must be a string")
         with self._lock:
             number = self._by_digits(digits)
+            quality = fields.pop("quality", None)
             for key, value in fields.items():
                 setattr(number, key, value)
+            if quality is not None:
+                self._set_quality(number, quality)
 
     def remove_number(self, digits: str) -> None:
         with self._lock:
@@ -192,7 +311,7 @@ class MetaSimulator(Simulator):
         if limit not in LIMITS:
             raise ValueError(f"limit must be one of {', '.join(LIMITS)}")
         with self._lock:
-            self.limit = limit
+            self._set_limit(limit)
 
     def add_template(self, name: str, language: str, category: str, **fields: Any) -> str:
         with self._lock:
@@ -210,10 +329,7 @@ class MetaSimulator(Simulator):
             ]
             if not found:
                 raise KeyError(f"unknown template {name} ({language})")
-            if status is not None:
-                found[0].status = status
-            if quality is not None:
-                found[0].quality = quality
+            self._change_template(found[0], status, quality)
 
     def template(self, name: str, language: str = "en_US") -> Template:
         with self._lock:
@@ -236,6 +352,334 @@ class MetaSimulator(Simulator):
         with self._lock:
             self._blocked_until = time.time() + minutes * 60
 
+    # --- changes Meta reports by webhook (called with the state's lock held) --------------------
+
+    def _set_quality(self, number: PhoneNumber, quality: str) -> None:
+        """A number whose quality turns low is FLAGGED, and UNFLAGGED when it recovers."""
+        before, number.quality = number.quality, quality
+        if (before == "RED") != (quality == "RED"):
+            self._emit(
+                "phone_number_quality_update",
+                [
+                    {
+                        "display_phone_number": number.digits,
+                        "event": "FLAGGED" if quality == "RED" else "UNFLAGGED",
+                        "current_limit": self.limit,
+                        "max_daily_conversations_per_business": self.limit,
+                    }
+                ],
+            )
+
+    def _set_limit(self, limit: str) -> None:
+        """The portfolio's limit is every number's: one change per number, in one POST."""
+        before, self.limit = self.limit, limit
+        if before == limit:
+            return
+        event = "UPGRADE" if LIMITS.index(limit) > LIMITS.index(before) else "DOWNGRADE"
+        self._emit(
+            "phone_number_quality_update",
+            [
+                {
+                    "display_phone_number": n.digits,
+                    "event": event,
+                    "old_limit": before,
+                    "current_limit": limit,
+                    "max_daily_conversations_per_business": limit,
+                }
+                for n in self._numbers.values()
+            ],
+        )
+
+    def _change_template(self, t: Template, status: str | None, quality: str | None) -> None:
+        named = {
+            "message_template_id": int(t.id),
+            "message_template_name": t.name,
+            "message_template_language": t.language,
+        }
+        if quality is not None and quality != t.quality:
+            self._emit(
+                "message_template_quality_update",
+                [{"previous_quality_score": t.quality, "new_quality_score": quality, **named}],
+            )
+            t.quality = quality
+        if status is not None and status != t.status:
+            t.status = status
+            value = {
+                "event": status,
+                **named,
+                "reason": "INVALID_FORMAT" if status == "REJECTED" else "NONE",
+                "message_template_category": t.category,
+            }
+            if status == "PAUSED":
+                value["other_info"] = {
+                    "title": "FIRST_PAUSE",
+                    "description": "Your template has been paused for 3 hours due to low quality.",
+                }
+            self._emit("message_template_status_update", [value])
+
+    def restrict(self, minutes: float = 60.0) -> None:
+        """An ACCOUNT_RESTRICTION: the WABA can send only LIMITED until it expires."""
+        with self._lock:
+            self._restricted_until = time.time() + minutes * 60
+            self.waba_can_send = "LIMITED"
+            until = int(self._restricted_until)
+            info = [{"restriction_type": kind, "expiration": until} for kind in RESTRICTIONS]
+            self._emit(
+                "account_update", [{"event": "ACCOUNT_RESTRICTION", "restriction_info": info}]
+            )
+
+    def disable(self) -> None:
+        """A DISABLED_UPDATE that bans the WABA: it can send nothing."""
+        with self._lock:
+            self.waba_can_send = "BLOCKED"
+            self._emit("account_update", [_ban("DISABLE")])
+
+    def reinstate(self, event: str = "ACCOUNT_RECONNECTED") -> None:
+        """Lifts a restriction or a ban, by ACCOUNT_RECONNECTED or DISABLED_UPDATE's REINSTATE."""
+        if event not in REINSTATEMENTS:
+            raise ValueError(f"event must be one of {', '.join(REINSTATEMENTS)}")
+        with self._lock:
+            self._restricted_until = 0.0
+            self.waba_can_send = "AVAILABLE"
+            value = _ban("REINSTATE") if event == "DISABLED_UPDATE" else {"event": event}
+            self._emit("account_update", [value])
+
+    # --- webhooks -------------------------------------------------------------------------------
+
+    def send_messages(self, count: int = 1, *, at_once: bool = True) -> list[str]:
+        """Sends `count` messages from the WABA's numbers; returns their wamids. `at_once`: their
+        statuses (timed over the last half minute) are due now, in order; else each is due when
+        it happens. Either way sent and delivered count in the analytics at once."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10_000:
+            raise ValueError("count must be an integer between 1 and 10000")
+        now, due_now = time.time(), time.monotonic()
+        planned: list[tuple[float, tuple[str, str], dict[str, Any]]] = []
+        wamids = []
+        with self._lock:
+            numbers = [n for n in self._numbers.values() if n.status == "CONNECTED"]
+            if not numbers:
+                raise ValueError("no CONNECTED number to send from")
+            rng = self.random
+            for _ in range(count):
+                number = rng.choice(numbers)
+                steps, code = self._fate(rng)
+                wamid, message = self._message(rng, now, code)
+                wamids.append(wamid)
+                names = {name for name, _ in steps}
+                self._add(number, int("sent" in names), int("delivered" in names))
+                start = now - steps[-1][1] if at_once else now
+                events = [
+                    [
+                        due_now if at_once else due_now + offset,
+                        _status(message, name, start + offset),
+                    ]
+                    for name, offset in steps
+                ]
+                if len(events) > 1 and rng.random() < self.p_out_of_order:
+                    i = rng.randrange(len(events) - 1)
+                    events[i], events[i + 1] = events[i + 1], events[i]
+                    events[i][0], events[i + 1][0] = events[i + 1][0], events[i][0]
+                for due, status in list(events):
+                    if rng.random() < self.p_duplicate:
+                        events.append([due if at_once else due + rng.uniform(1, 10), status])
+                key = (number.digits, number.id)
+                planned += [(due, key, status) for due, status in events]
+        with self._outbox:
+            for due, key, status in planned:
+                heapq.heappush(self._queue, _Post(due, next(self._sequence), key, status))
+            self._outbox.notify_all()
+        return wamids
+
+    def _fate(self, rng: random.Random) -> tuple[list[tuple[str, float]], int | None]:
+        """A message's statuses with their seconds after sending, and its error code if it fails."""
+        if rng.random() < self.p_failed:
+            code = rng.choice(tuple(FAILURES))
+            failed = ("failed", rng.uniform(0.5, 3))
+            return ([("sent", 0.0), failed] if code == 131026 else [failed]), code
+        delivered = rng.uniform(0.5, 4)
+        steps = [("sent", 0.0), ("delivered", delivered)]
+        if rng.random() < self.p_read:
+            steps.append(("read", delivered + rng.uniform(2, 25)))
+        return steps, None
+
+    @staticmethod
+    def _message(rng: random.Random, now: float, code: int | None) -> tuple[str, dict[str, Any]]:
+        recipient = f"{rng.choice(('49', '44', '1', '91', '55'))}{rng.randrange(10**9, 10**10)}"
+        tail = f"{rng.getrandbits(80):020X}".encode()
+        raw = bytes((0x1C, 0x18, len(recipient))) + recipient.encode() + b"\x15\x02\x00\x11\x18"
+        wamid = "wamid." + base64.b64encode(raw + bytes((len(tail),)) + tail + b"\x00").decode()
+        return wamid, {
+            "id": wamid,
+            "recipient_id": recipient,
+            "category": rng.choice(CATEGORIES),
+            "conversation": f"{rng.getrandbits(120):030x}",
+            "expiration": int(now) + 86400,
+            "code": code,
+        }
+
+    def _emit(self, field_: str, values: list[dict[str, Any]]) -> None:
+        """Queues one POST with one change per value, due now."""
+        if not self.webhook_url or not values:
+            return
+        body = self._envelope([{"value": v, "field": field_} for v in values])
+        with self._outbox:
+            post = _Post(time.monotonic(), next(self._sequence), ("", ""), None, body)
+            heapq.heappush(self._queue, post)
+            self._outbox.notify_all()
+
+    def _envelope(self, changes: list[dict[str, Any]]) -> bytes:
+        entry = {"id": self.waba_id, "time": int(time.time()), "changes": changes}
+        return meta_json({"object": "whatsapp_business_account", "entry": [entry]})
+
+    def send_raw(self, body: bytes, signature: str = "valid") -> int:
+        """POSTs `body` once, now, signed or not as asked; returns the answer's status (0: none)."""
+        if signature not in SIGNATURES:
+            raise ValueError(f"signature must be one of {', '.join(SIGNATURES)}")
+        if not self.webhook_url:
+            raise ValueError("no webhook_url to send to")
+        status = self._attempt(body, signature)
+        with self._outbox:
+            self._count(status, 0)
+        return status
+
+    def verify(self, url: str, verify_token: str) -> bool:
+        """Meta's subscription check of a callback URL: the challenge must come back as the body."""
+        with self._lock:
+            challenge = str(self.random.randrange(10**8, 10**10))
+        query = urlencode(
+            {"hub.mode": "subscribe", "hub.verify_token": verify_token, "hub.challenge": challenge}
+        )
+        check = urllib.request.Request(
+            f"{url}{'&' if '?' in url else '?'}{query}", headers={"User-Agent": USER_AGENT}
+        )
+        try:
+            with self._opener.open(check, timeout=WEBHOOK_TIMEOUT) as answer:
+                return answer.status == 200 and answer.read(100).decode() == challenge
+        except (urllib.error.URLError, OSError, UnicodeDecodeError):
+            return False
+
+    def webhook_counts(self) -> WebhookCounts:
+        with self._outbox:
+            return WebhookCounts(**self._counts.__dict__)
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Waits until every due POST was delivered or dropped (retries included)."""
+        deadline = time.monotonic() + timeout
+        with self._outbox:
+            while self._in_flight or any(p.due <= deadline for p in self._queue):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return False
+                self._outbox.wait(min(left, 0.05))
+            return True
+
+    def start(self) -> MetaSimulator:
+        super().start()
+        self._courier = threading.Thread(
+            target=self._deliver, name="sim-meta-webhooks", daemon=True
+        )
+        self._courier.start()
+        return self
+
+    def on_stop(self) -> None:
+        with self._outbox:
+            self._outbox.notify_all()
+        if self._courier is not None:
+            self._courier.join(timeout=0.5)
+
+    def _deliver(self) -> None:
+        while True:
+            with self._outbox:
+                while not self._stopping.is_set():
+                    wait = self._queue[0].due - time.monotonic() if self._queue else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._outbox.wait(wait)
+                if self._stopping.is_set():
+                    return
+                post = self._take_due()
+                self._in_flight += 1
+            assert post.body is not None
+            status = self._attempt(post.body, "valid")
+            with self._outbox:
+                self._in_flight -= 1
+                self._count(status, post.statuses)
+                if not 200 <= status < 300:
+                    self._retry_or_drop(post, status)
+                self._outbox.notify_all()
+
+    def _take_due(self) -> _Post:
+        """The first due POST; a status gathers the others due for its number with `p_batch`."""
+        post = heapq.heappop(self._queue)
+        if post.body is not None:
+            return post
+        statuses = [post.status]
+        if self._courier_random.random() < self.p_batch:
+            now, kept = time.monotonic(), []
+            while self._queue and self._queue[0].due <= now:
+                other = heapq.heappop(self._queue)
+                if other.body is None and other.number == post.number and len(statuses) < MAX_BATCH:
+                    statuses.append(other.status)
+                else:
+                    kept.append(other)
+            for other in kept:
+                heapq.heappush(self._queue, other)
+        digits, number_id = post.number
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": digits, "phone_number_id": number_id},
+            "statuses": statuses,
+        }
+        post.body = self._envelope([{"value": value, "field": "messages"}])
+        post.statuses = len(statuses)
+        return post
+
+    def _attempt(self, body: bytes, signature: str) -> int:
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        secret = self.app_secret
+        if secret is not None and signature != "missing":
+            key = secret.encode() if signature == "valid" else b"not-" + secret.encode()
+            headers["X-Hub-Signature"] = "sha1=" + hmac.new(key, body, hashlib.sha1).hexdigest()
+            headers["X-Hub-Signature-256"] = "sha256=" + sign(key, body)
+        url = self.webhook_url
+        if not url:
+            return 0
+        post = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with self._opener.open(post, timeout=WEBHOOK_TIMEOUT) as answer:
+                answer.read()
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def _count(self, status: int, statuses: int) -> None:
+        if 200 <= status < 300:
+            self._counts.delivered += 1
+            self._counts.statuses += statuses
+        else:
+            self._counts.failed += 1
+
+    def _retry_or_drop(self, post: _Post, status: int) -> None:
+        post.attempts += 1
+        if post.attempts <= self.webhook_retries:
+            self._counts.retried += 1
+            post.due = time.monotonic() + self.webhook_backoff * 2 ** (post.attempts - 1)
+            heapq.heappush(self._queue, post)
+            return
+        self._counts.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 10:  # one line per 10 s, however many are dropped
+            self._last_drop_log = now
+            log.warning(
+                "meta: webhook POST dropped after %d attempts (last answer: %s); %d dropped so far",
+                post.attempts,
+                status or "no connection",
+                self._counts.dropped,
+            )
+
     def _by_digits(self, digits: str) -> PhoneNumber:
         for number in self._numbers.values():
             if digits in (number.digits, number.id):
@@ -249,18 +693,29 @@ class MetaSimulator(Simulator):
                 if rng.random() < self.P_QUALITY:
                     index = QUALITIES.index(number.quality) if number.quality in QUALITIES else 0
                     step = rng.choice((-1, 1))
-                    number.quality = QUALITIES[min(max(index + step, 0), len(QUALITIES) - 1)]
+                    self._set_quality(
+                        number, QUALITIES[min(max(index + step, 0), len(QUALITIES) - 1)]
+                    )
                     number.can_send = "LIMITED" if number.quality == "RED" else "AVAILABLE"
                 if number.status == "CONNECTED":
                     sent = rng.randint(0, 5)
                     self._add(number, sent, sent - rng.randint(0, min(sent, 1)))
             if rng.random() < self.P_LIMIT:
                 index = LIMITS.index(self.limit) + rng.choice((-1, 1))
-                self.limit = LIMITS[min(max(index, 0), len(LIMITS) - 1)]
+                self._set_limit(LIMITS[min(max(index, 0), len(LIMITS) - 1)])
             for template in self._templates.values():
                 if rng.random() < self.P_TEMPLATE:
-                    template.status = "PAUSED" if template.status == "APPROVED" else "APPROVED"
-                    template.quality = "RED" if template.status == "PAUSED" else "GREEN"
+                    paused = template.status == "APPROVED"
+                    self._change_template(
+                        template, "PAUSED" if paused else "APPROVED", "RED" if paused else "GREEN"
+                    )
+            if self.waba_can_send == "LIMITED" and time.time() >= self._restricted_until:
+                self.waba_can_send = "AVAILABLE"  # Meta sends nothing when a restriction ends
+            if rng.random() < self.P_ACCOUNT:
+                if self.waba_can_send == "AVAILABLE":
+                    self.restrict(minutes=rng.uniform(0.5, 3))
+                else:
+                    self.reinstate(rng.choice(REINSTATEMENTS))
 
     @staticmethod
     def _add(number: PhoneNumber, sent: int, delivered: int) -> None:
@@ -272,6 +727,8 @@ class MetaSimulator(Simulator):
         return {
             "waba_id": self.waba_id,
             "limit": self.limit,
+            "waba_can_send": self.waba_can_send,
+            "webhook_url": self.webhook_url,
             "call_budget": self.call_budget,
             "calls_in_window": len(self._calls),
             "numbers": [self._number_view(n, None) for n in self._numbers.values()],
@@ -304,6 +761,11 @@ class MetaSimulator(Simulator):
             route("POST", CONTROL_PREFIX + "/limit", "", self._ctl_limit),
             route("POST", CONTROL_PREFIX + "/templates", "", self._ctl_template),
             route("POST", CONTROL_PREFIX + "/rate_limit", "", self._ctl_rate_limit),
+            route("POST", CONTROL_PREFIX + "/account", "", self._ctl_account),
+            route("GET", CONTROL_PREFIX + "/webhooks", "", self._ctl_webhooks),
+            route("POST", CONTROL_PREFIX + "/webhooks/messages", "", self._ctl_send_messages),
+            route("POST", CONTROL_PREFIX + "/webhooks/raw", "", self._ctl_send_raw),
+            route("POST", CONTROL_PREFIX + "/webhooks/verify", "", self._ctl_verify),
         ]
 
     def check(self, request: RecordedRequest, headers: dict[str, str]) -> Response | None:
@@ -587,6 +1049,61 @@ class MetaSimulator(Simulator):
         self.rate_limit(minutes)
         return json_response(200, {"minutes": minutes})
 
+    def _ctl_account(self, request: RecordedRequest) -> Response:
+        data = control_json(request)
+        event = data.get("event")
+        if event == "ACCOUNT_RESTRICTION":
+            minutes = data.get("minutes", 60)
+            if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
+                raise ValueError("'minutes' must be a number > 0")
+            self.restrict(minutes)
+        elif event == "DISABLE":
+            self.disable()
+        elif event in REINSTATEMENTS:
+            self.reinstate(event)
+        else:
+            events = ("ACCOUNT_RESTRICTION", "DISABLE", *REINSTATEMENTS)
+            raise ValueError(f"'event' must be one of {', '.join(events)}")
+        return json_response(200, {"waba_can_send": self.waba_can_send})
+
+    def _ctl_webhooks(self, _request: RecordedRequest) -> Response:
+        with self._outbox:
+            pending = len(self._queue) + self._in_flight
+        counts = self.webhook_counts().__dict__
+        return json_response(200, {"url": self.webhook_url, "pending": pending, **counts})
+
+    def _ctl_send_messages(self, request: RecordedRequest) -> Response:
+        data = control_json(request) if request.body.strip() else {}
+        unknown = sorted(set(data) - {"count", "at_once"})
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}; allowed: ['at_once', 'count']")
+        at_once = data.get("at_once", True)
+        if not isinstance(at_once, bool):
+            raise ValueError("'at_once' must be true or false")
+        return json_response(
+            202, {"wamids": self.send_messages(data.get("count", 1), at_once=at_once)}
+        )
+
+    def _ctl_send_raw(self, request: RecordedRequest) -> Response:
+        """`body`: a JSON object (sent as Meta writes JSON) or a string (sent as it is)."""
+        data = control_json(request)
+        body = data.get("body")
+        if isinstance(body, dict):
+            raw = meta_json(body)
+        elif isinstance(body, str):
+            raw = body.encode()
+        else:
+            raise ValueError("'body' must be a JSON object or a string")
+        status = self.send_raw(raw, data.get("signature", "valid"))
+        return json_response(200, {"status": status})
+
+    def _ctl_verify(self, request: RecordedRequest) -> Response:
+        data = control_json(request)
+        url, token = data.get("url", self.webhook_url), data.get("verify_token")
+        if not isinstance(url, str) or not isinstance(token, str):
+            raise ValueError("'verify_token' is required, and 'url' unless webhook_url is set")
+        return json_response(200, {"verified": self.verify(url, token)})
+
 
 WABA_FIELDS = {
     "name": "Acme",
@@ -608,6 +1125,61 @@ def graph_error(
         error["error_subcode"] = subcode
     error["fbtrace_id"] = "AbCdEfGhIjKlMnOpQrStUvW"
     return json_response(status, {"error": error})
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The hex of X-Hub-Signature-256: HMAC-SHA256 of the raw body keyed by the app secret."""
+    return hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def meta_json(payload: Any) -> bytes:
+    """JSON as Meta writes its webhooks: compact, non-ASCII and `/` escaped. A receiver that
+    checks the signature over its own re-encoding instead of the raw bytes fails on these."""
+    return json.dumps(payload, separators=(",", ":")).replace("/", "\\/").encode()
+
+
+def _status(message: dict[str, Any], status: str, at: float) -> dict[str, Any]:
+    """One entry of `statuses`, shaped as Meta sends it (a failed one has no pricing)."""
+    item: dict[str, Any] = {
+        "id": message["id"],
+        "status": status,
+        "timestamp": str(int(at)),
+        "recipient_id": message["recipient_id"],
+    }
+    if status == "failed":
+        code = message["code"]
+        title, details = FAILURES[code]
+        item["errors"] = [
+            {
+                "code": code,
+                "title": title,
+                "message": title,
+                "error_data": {"details": details},
+                "href": ERROR_HREF,
+            }
+        ]
+        return item
+    category = message["category"]
+    conversation: dict[str, Any] = {"id": message["conversation"]}
+    if status == "sent":
+        conversation["expiration_timestamp"] = str(message["expiration"])
+    conversation["origin"] = {"type": category}
+    item["conversation"] = conversation
+    item["pricing"] = {
+        "billable": category != "service",
+        "pricing_model": "PMP",
+        "type": "free_customer_service" if category == "service" else "regular",
+        "category": category,
+    }
+    return item
+
+
+def _ban(state: str) -> dict[str, Any]:
+    day = datetime.now(UTC)
+    return {
+        "event": "DISABLED_UPDATE",
+        "ban_info": {"waba_ban_state": state, "waba_ban_date": f"{day:%B} {day.day}, {day.year}"},
+    }
 
 
 def json_body(answer: Response) -> dict[str, Any]:
@@ -669,6 +1241,10 @@ def _today() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+DEMO_APP_SECRET = "demo-app-secret"
+DEMO_VERIFY_TOKEN = "demo-verify-token"
+
+
 def _demo_accounts(base_url: str) -> str:
     return f"""\
 meta:
@@ -676,12 +1252,30 @@ meta:
     base_url: {base_url}
     token: demo-token
     waba_id: "{WABA_ID}"
+    app_secret: {DEMO_APP_SECRET}
+    verify_token: {DEMO_VERIFY_TOKEN}
     phone_numbers: []
     rate_limit: 5000/h   # Meta's budget for a WABA with a registered number; 200/h before
     health: {{interval: 10s}}
     templates: {{interval: 15s}}
     analytics: {{interval: 15s}}
 """
+
+
+def _demo_traffic(sim: MetaSimulator, exporter_url: str, stop: threading.Event) -> None:
+    """What Meta does for the demo's app: checks the callback URL as a subscription does, then
+    reports the statuses of what the business sends, a few messages a second, as they happen.
+    Template, limit and account webhooks come from the simulator's ticker."""
+    url = f"{exporter_url}/webhooks/meta/demo"
+    if not sim.verify(url, DEMO_VERIFY_TOKEN):
+        log.warning("meta demo: %s did not answer Meta's subscription check", url)
+    sim.app_secret = DEMO_APP_SECRET
+    sim.webhook_url = url
+    rng = random.Random(11)
+    while True:
+        sim.send_messages(rng.randint(1, 4), at_once=False)
+        if stop.wait(1.0):
+            return
 
 
 def _matrix_keys(account: str, interval: str, healthy: bool) -> dict[str, Any]:
@@ -736,6 +1330,7 @@ KIT = Kit(
         options={"numbers": 3, "templates": 6, "call_budget": 5000},
         accounts=_demo_accounts,
         metric="whatsapp_phone_number_quality",
+        traffic=_demo_traffic,
     ),
     faults=FaultAnswers(
         auth=(

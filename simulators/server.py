@@ -77,6 +77,13 @@ def _number(value: Any, what: str, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def check_probabilities(**values: float) -> None:
+    """Refuses a simulator option named p_* that is not a probability."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"{key} must be between 0 and 1")
+
+
 @dataclass(frozen=True)
 class Fault:
     """A way for a provider to misbehave; build one with the constructors, not directly."""

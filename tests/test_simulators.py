@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from simulators import (
     WhatsGateSimulator,
 )
 from simulators.__main__ import main as simulator_main
+from tests.conftest import LoopbackServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # One pooled client for plain-HTTP loopback calls: building a verifying client costs ~50 ms.
@@ -1272,7 +1273,7 @@ def test_d7_is_repeatable_for_a_seed(start: Start) -> None:
     ]
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     """A tiny webhook endpoint that keeps what it is sent."""
 
     def __init__(self) -> None:
@@ -1289,21 +1290,14 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/d7/events"
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        super().__init__(Handler)
+        self.url = self.base + "/d7/events"
 
     def wait(self, count: int) -> list[tuple[dict[str, str], Any]]:
         deadline = time.monotonic() + 5
         while len(self.events) < count and time.monotonic() < deadline:
             time.sleep(0.01)
         return list(self.events)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
