@@ -151,6 +151,10 @@ class Totals:
 
 
 def _bounded(raw: object, known: frozenset[str]) -> str:
+    """A category label: one of `known`, "other", or "unknown" when none is given; always ""
+    for a provider without such categories (Meta has no message types)."""
+    if not known:
+        return ""
     value = str(raw or "").strip().lower()
     return value if value in known else ("other" if value else "unknown")
 
