@@ -1,36 +1,50 @@
-"""Benchmark: D7 delivery callbacks into the exporter, against a bare durable service.
+"""Benchmark: D7 and Meta delivery webhooks into the exporter, against a bare durable service.
 
-The issue's targets: webhook callbacks one per request at least as fast as a bare aiohttp +
-SQLite-WAL group-commit service measured in the same run (1.0x), batches of 50 events per
-request at 50,000 events/s or more, and while a burst runs /metrics keeps a p50 within 1.5x its
-quiet p50 and a p99 under 50 ms.
+The issues' targets, each against the baseline measured in the same run:
+- D7 (the House issue): callbacks one per request at least as fast as the baseline (1.0x),
+  batches of 50 events per request at 50,000 events/s or more, and while a burst runs /metrics
+  keeps a p50 within 1.5x its quiet p50 and a p99 under 50 ms;
+- Meta (issue 19): signed deliveries one status per request and 50 statuses per request (one
+  change's `statuses` list, as Meta batches them) each at least as fast as the baseline (1.0x),
+  and /metrics p50 within 1.5x quiet during each burst (its p99 is shown, not a target).
+For both, every status acknowledged must be counted by the exporter exactly once. (That none is
+lost across `kill -9` is tests/test_callback_durability.py's.)
 
-What runs, each in its own process, all on 127.0.0.1:
+What runs, per provider (D7, then Meta; `--provider` picks one), each in its own process, all
+on 127.0.0.1:
 
 - the baseline, "the durable limit" (`--role baseline`, in this file): an aiohttp server with one
   SQLite file in WAL mode, `synchronous=FULL`, and one writer thread doing group commit: requests
   queue, the writer takes everything queued, writes it in one transaction (`INSERT OR IGNORE` of
-  (id, status) rows), COMMITs, and only then is each of those requests answered. It also answers
-  GET /metrics with two counters, scraped like the exporter's (quiet, then during its bursts):
-  what a busy machine does to a trivial handler's latency;
-- the exporter (`python -m exporter`), with one D7 account whose poller points at a closed
-  loopback port (its failures do not matter, and `retry_first: 1h` keeps the ids it learns from
-  webhooks from coming due during the run), on a temporary `--storage.path`;
-- the load (`--role load`, in this file): aiohttp clients, 64 requests in flight, posting D7
-  webhook events as D7 sends them (request_id, msg_id, status cycling sent/delivered/read,
-  timestamp in ms, conversation_type, message_type, ...), every event a new message, one per
-  request and then 50 per request (a JSON list), for a fixed time each. It counts the events
-  acknowledged (2xx) by status.
+  (id, status) rows), COMMITs, and only then is each of those requests answered. D7's route
+  checks the bearer token and reads the events; Meta's does what a real Meta receiver must:
+  HMAC-SHA256 of the raw body with the app secret, compared in constant time, before Meta's
+  envelope (entry -> changes -> value.statuses) is parsed. It also answers GET /metrics with two
+  counters, scraped like the exporter's (quiet, then during its bursts): what a busy machine does
+  to a trivial handler's latency;
+- the exporter (`python -m exporter`) with one account of that provider, its webhooks on the
+  ingest port (`--web.ingest-address`), on a temporary `--storage.path`. Its poller points at a
+  closed loopback port (its failures do not matter): D7's `retry_first: 1h` keeps the ids it
+  learns from webhooks from coming due during the run; Meta's polls are an hour apart;
+- the load (`--role load`, in this file): aiohttp clients, 64 requests in flight, posting
+  webhooks as the provider sends them, every event a new message, statuses cycling
+  sent/delivered/read: D7's events (request_id, msg_id, timestamp in ms, conversation_type,
+  message_type, ...; 50 per request as a JSON list), Meta's deliveries (a new wamid per status,
+  unix-seconds timestamp, pricing; each body signed with `X-Hub-Signature-256`). One per request
+  and then 50 per request, for a fixed time each. It counts the events acknowledged (2xx) by
+  status, and the requests acknowledged.
 
 This process scrapes /metrics every 100 ms on a fixed schedule (every 5th scrape with gzip),
 in a quiet phase before the exporter's bursts and during each burst, and reads each server's CPU
 (utime + stime in /proc/<pid>/stat) around each burst. After the bursts, the exporter's own
-counts (whatsapp_tracking_webhook_events_total, whatsapp_messages_total per status) must equal
-what it acknowledged.
+counts must equal what it acknowledged: whatsapp_messages_total per status (read implies
+delivered implies sent), and D7's whatsapp_tracking_webhook_events_total (one per event) or
+Meta's whatsapp_webhook_events_total{field="messages"} (one per change: one per request here).
 
-    python bench/callbacks.py            # about 1.7 minutes
-    python bench/callbacks.py --quick    # shorter windows, a smoke run (not the targets' numbers)
-    python bench/callbacks.py --profile  # + py-spy's hot path during the exporter's bursts
+    python bench/callbacks.py               # about 3.5 minutes, D7 then Meta
+    python bench/callbacks.py --provider meta
+    python bench/callbacks.py --quick       # short windows: a smoke run, not the targets' numbers
+    python bench/callbacks.py --profile     # + py-spy's hot path during the exporter's bursts
 """
 
 from __future__ import annotations
@@ -38,6 +52,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import itertools
 import json
 import math
@@ -52,6 +68,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +81,8 @@ SCRIPT = Path(__file__).resolve()
 
 ACCOUNT = "bench"
 INGEST_TOKEN = "bench-ingest-token"
+APP_SECRET = b"bench-meta-app-secret"
+WABA_ID = "102290129340398"
 CONCURRENCY = 64  # requests in flight, over all load processes
 BATCH = 50  # events per request in the batch phase
 SCRAPE_EVERY = 0.1
@@ -73,9 +92,10 @@ REQUEST_TIMEOUT = 30.0
 LIFETIME = 600.0  # a child process of this benchmark never outlives this, nor its parent
 
 RATIO_TARGET = 1.0  # callbacks, one per request: exporter / baseline
-BATCH_TARGET = 50_000.0  # events/s, 50 per request
+BATCH_TARGET = 50_000.0  # D7: events/s, 50 per request
+BATCH_RATIO_TARGET = 1.0  # Meta: 50 statuses per request, exporter / baseline
 P50_RATIO_TARGET = 1.5  # /metrics p50 during a burst / quiet
-P99_TARGET = 0.050  # /metrics p99 during a burst
+P99_TARGET = 0.050  # D7: /metrics p99 during a burst
 
 STATUSES = ("sent", "delivered", "read")
 IMPLIED = {
@@ -91,12 +111,27 @@ EVENT = (
     '"waConvId":"%032x","recipient":"+4917%09d","cust_ref":null,"message_tag1":null,'
     '"originator":"+15550100100","status":"%s"}'
 )
+META_STATUS = (
+    '{"id":"wamid.HBgL%s%012x","status":"%s","timestamp":"%d","recipient_id":"4917%09d",'
+    '"pricing":{"billable":true,"pricing_model":"PMP","category":"%s"}}'
+)
+META_DELIVERY = (
+    '{"object":"whatsapp_business_account","entry":[{"id":"%s","time":%d,"changes":[{"field":'
+    '"messages","value":{"messaging_product":"whatsapp","metadata":{"display_phone_number":'
+    '"15550100100","phone_number_id":"106540352242922"},"statuses":[%s]}}]}]}'
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--role", choices=("bench", "baseline", "load"), default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--provider",
+        choices=(*PROVIDERS, "all"),
+        default="all",
+        help="whose webhooks (default all: D7, then Meta)",
     )
     parser.add_argument("--quick", action="store_true", help="short windows: a smoke run")
     parser.add_argument(
@@ -132,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_seconds or (4.0 if args.quick else 10.0)
     workdir = Path(tempfile.mkdtemp(prefix="bench-callbacks-"))
     try:
-        return asyncio.run(run(workdir, single, batch, args.clients, args.profile))
+        providers = (
+            list(PROVIDERS.values()) if args.provider == "all" else [PROVIDERS[args.provider]]
+        )
+        return asyncio.run(run(workdir, providers, single, batch, args.clients, args.profile))
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -178,68 +216,100 @@ class Scrape:
     ok: bool
 
 
-async def run(workdir: Path, single: float, batch: float, clients: int, profile: bool) -> int:
+async def run(
+    workdir: Path,
+    providers: list[Provider],
+    single: float,
+    batch: float,
+    clients: int,
+    profile: bool,
+) -> int:
     began = time.monotonic()
     results: list[tuple[bool, str]] = []
     contention = Contention()
     print(
-        f"D7 callbacks benchmark: {CONCURRENCY} requests in flight from {clients} load "
-        f"process(es); bursts of {single:g} s one event per request, {batch:g} s {BATCH} per "
-        f"request; {os.cpu_count()} cores; work dir {workdir}"
+        f"callbacks benchmark ({', '.join(p.title for p in providers)}): {CONCURRENCY} requests "
+        f"in flight from {clients} load process(es); bursts of {single:g} s one event per "
+        f"request, {batch:g} s {BATCH} per request; {os.cpu_count()} cores; work dir {workdir}"
     )
-    bursts: dict[tuple[str, int], Burst] = {}
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=200), auto_decompress=False
     ) as session:
-        baseline = Child.baseline(workdir)
-        try:
-            await baseline.wait_ready(session)
-            print(f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}")
-            # its trivial /metrics, quiet and then during its bursts: what this machine does to
-            # the latency of any handler while a burst keeps both cores busy
-            base_quiet = await scrape_window(
-                session, baseline.metrics_url, time.time() + 0.1, single
+        for provider in providers:
+            results += await run_provider(
+                session, provider, workdir / provider.name, single, batch, clients, profile
             )
-            print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
-            for size, seconds in ((1, single), (BATCH, batch)):
-                bursts["baseline", size] = await burst(
-                    session, baseline, "baseline", size, seconds, clients
+    print(f"  {contention.report()}")
+    print()
+    for passed, line in results:
+        print(f"{'PASS' if passed else 'FAIL'} {line}")
+    print(f"(benchmark took {time.monotonic() - began:.0f} s)")
+    return 0 if all(passed for passed, _ in results) else 1
+
+
+async def run_provider(
+    session: aiohttp.ClientSession,
+    provider: Provider,
+    workdir: Path,
+    single: float,
+    batch: float,
+    clients: int,
+    profile: bool,
+) -> list[tuple[bool, str]]:
+    """The baseline's bursts, then the exporter's, each a fresh process on fresh storage; the
+    targets' verdicts, each line named by the provider."""
+    workdir.mkdir()
+    title = provider.title
+    print()
+    print(f"{title}: {provider.what}, POST {provider.path}")
+    bursts: dict[tuple[str, int], Burst] = {}
+    baseline = Child.baseline(workdir, provider)
+    try:
+        await baseline.wait_ready(session)
+        print(f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}")
+        # its trivial /metrics, quiet and then during its bursts: what this machine does to
+        # the latency of any handler while a burst keeps both cores busy
+        base_quiet = await scrape_window(session, baseline.metrics_url, time.time() + 0.1, single)
+        print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
+        for size, seconds in ((1, single), (BATCH, batch)):
+            bursts["baseline", size] = await burst(
+                session, baseline, provider, "baseline", size, seconds, clients
+            )
+            report_burst(bursts["baseline", size])
+        baseline_counted = await baseline.counted(session)
+    finally:
+        baseline.stop()
+
+    exporter = Child.exporter(workdir, provider)
+    try:
+        await exporter.wait_ready(session)
+        print(f"exporter pid {exporter.pid}")
+        quiet_seconds = single  # as long as the burst it is compared with
+        await asyncio.sleep(1.0)  # its first poll cycle (refused) and publication pass
+        quiet = await scrape_window(session, exporter.metrics_url, time.time() + 0.1, quiet_seconds)
+        print(f"exporter /metrics quiet for {quiet_seconds:g} s: {scrape_summary(quiet)}")
+        for size, seconds in ((1, single), (BATCH, batch)):
+            spy = Profiler(exporter.pid, workdir / f"profile-{size}.txt") if profile else None
+            try:
+                bursts["exporter", size] = await burst(
+                    session, exporter, provider, "exporter", size, seconds, clients
                 )
-                report_burst(bursts["baseline", size])
-            baseline_counted = await baseline.counted(session)
-        finally:
-            baseline.stop()
+            finally:
+                if spy:
+                    spy.stop()
+            report_burst(bursts["exporter", size])
+        await asyncio.sleep(1.0)  # a publication pass after the last answer
+        counted = await exporter.counted(session)
+    finally:
+        exporter.stop()
 
-        exporter = Child.exporter(workdir)
-        try:
-            await exporter.wait_ready(session)
-            print(f"exporter pid {exporter.pid}")
-            quiet_seconds = single  # as long as the burst it is compared with
-            await asyncio.sleep(1.0)  # its first poll cycle (refused) and publication pass
-            quiet = await scrape_window(
-                session, exporter.metrics_url, time.time() + 0.1, quiet_seconds
-            )
-            print(f"exporter /metrics quiet for {quiet_seconds:g} s: {scrape_summary(quiet)}")
-            for size, seconds in ((1, single), (BATCH, batch)):
-                spy = Profiler(exporter.pid, workdir / f"profile-{size}.txt") if profile else None
-                try:
-                    bursts["exporter", size] = await burst(
-                        session, exporter, "exporter", size, seconds, clients
-                    )
-                finally:
-                    if spy:
-                        spy.stop()
-                report_burst(bursts["exporter", size])
-            await asyncio.sleep(1.0)  # a publication pass after the last answer
-            counted = await exporter.counted(session)
-        finally:
-            exporter.stop()
-
+    results: list[tuple[bool, str]] = []
     base1, exp1 = bursts["baseline", 1], bursts["exporter", 1]
     base50, exp50 = bursts["baseline", BATCH], bursts["exporter", BATCH]
     ratio = exp1.rate / base1.rate if base1.rate else 0.0
+    batch_ratio = exp50.rate / base50.rate if base50.rate else 0.0
     print()
-    print("summary:")
+    print(f"{title} summary:")
     for burst_ in (base1, exp1, base50, exp50):
         print(
             f"  {burst_.server:>8}, {burst_.batch:>2} per request: {burst_.rate:>9,.0f} events/s, "
@@ -248,7 +318,7 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
     print(
         f"  exporter / baseline: one per request x{ratio:.2f} events/s, "
         f"x{exp1.cpu_per_event / base1.cpu_per_event:.1f} CPU per event; {BATCH} per request "
-        f"x{exp50.rate / base50.rate:.2f} events/s, "
+        f"x{batch_ratio:.2f} events/s, "
         f"x{exp50.cpu_per_event / base50.cpu_per_event:.1f} CPU per event"
     )
     quiet_p50 = pct([s.seconds for s in quiet], 50)
@@ -256,17 +326,28 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
     results.append(
         (
             ratio >= RATIO_TARGET,
-            f"callbacks, one per request: exporter {exp1.rate:,.0f}/s, x{ratio:.2f} the "
+            f"{title} callbacks, one per request: exporter {exp1.rate:,.0f}/s, x{ratio:.2f} the "
             f"baseline's {base1.rate:,.0f}/s (target >= {RATIO_TARGET:.1f}x)",
         )
     )
-    results.append(
-        (
-            exp50.rate >= BATCH_TARGET,
-            f"callbacks, {BATCH} per request: exporter {exp50.rate:,.0f} events/s (target >= "
-            f"{BATCH_TARGET:,.0f}/s; the baseline did {base50.rate:,.0f}/s)",
+    if provider.batch_target is not None:
+        results.append(
+            (
+                exp50.rate >= provider.batch_target,
+                f"{title} callbacks, {BATCH} per request: exporter {exp50.rate:,.0f} events/s "
+                f"(target >= {provider.batch_target:,.0f}/s; the baseline did "
+                f"{base50.rate:,.0f}/s)",
+            )
         )
-    )
+    if provider.batch_ratio_target is not None:
+        results.append(
+            (
+                batch_ratio >= provider.batch_ratio_target,
+                f"{title} callbacks, {BATCH} per request: exporter {exp50.rate:,.0f} events/s, "
+                f"x{batch_ratio:.2f} the baseline's {base50.rate:,.0f}/s (target >= "
+                f"{provider.batch_ratio_target:.1f}x)",
+            )
+        )
     for burst_ in (exp1, exp50):
         times = [s.seconds for s in burst_.scrapes]
         p50, p99 = pct(times, 50), pct(times, 99)
@@ -275,16 +356,18 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
         results.append(
             (
                 p50 <= P50_RATIO_TARGET * quiet_p50,
-                f"/metrics p50 during the burst of {what}: {ms(p50)}, x{p50 / quiet_p50:.2f} "
-                f"quiet {ms(quiet_p50)} (target <= {P50_RATIO_TARGET}x)",
+                f"{title} /metrics p50 during the burst of {what}: {ms(p50)}, "
+                f"x{p50 / quiet_p50:.2f} quiet {ms(quiet_p50)} (target <= {P50_RATIO_TARGET}x)",
             )
         )
-        results.append(
-            (
-                p99 <= P99_TARGET,
-                f"/metrics p99 during the burst of {what}: {ms(p99)} (target <= {ms(P99_TARGET)})",
+        if provider.p99_target is not None:
+            results.append(
+                (
+                    p99 <= provider.p99_target,
+                    f"{title} /metrics p99 during the burst of {what}: {ms(p99)} (target <= "
+                    f"{ms(provider.p99_target)})",
+                )
             )
-        )
     base_quiet_p50 = pct([s.seconds for s in base_quiet], 50)
     for burst_ in (base1, base50):
         times = [s.seconds for s in burst_.scrapes]
@@ -301,32 +384,34 @@ async def run(workdir: Path, single: float, batch: float, clients: int, profile:
     for status, n in acked.items():
         for reached in IMPLIED[status]:
             want[reached] += n
+    # Meta's count is of changes, one per request here; D7's of events
+    want_events = (
+        len(exp1.answers) + len(exp50.answers) if provider.per_request else (sum(acked.values()))
+    )
     events, messages = counted
+    name = provider.events_series[0]
     print(
-        f"  exporter acknowledged {sum(acked.values()):,} events "
+        f"  exporter acknowledged {sum(acked.values()):,} events in "
+        f"{len(exp1.answers) + len(exp50.answers):,} requests "
         f"({', '.join(f'{s} {acked[s]:,}' for s in STATUSES)}); its /metrics: "
-        f"whatsapp_tracking_webhook_events_total {events:,.0f}, whatsapp_messages_total "
+        f"{name} {events:,.0f} (want {want_events:,}), whatsapp_messages_total "
         f"{', '.join(f'{s} {messages.get(s, 0):,.0f}' for s in STATUSES)} "
         f"(want {', '.join(f'{s} {want[s]:,}' for s in STATUSES)})"
     )
     results.append(
         (
-            events == sum(acked.values()) and all(messages.get(s, 0) == want[s] for s in STATUSES),
-            "every acknowledged event counted once: whatsapp_tracking_webhook_events_total and "
+            events == want_events and all(messages.get(s, 0) == want[s] for s in STATUSES),
+            f"{title}: every acknowledged event counted once: {name} and "
             "whatsapp_messages_total per status equal what was acknowledged",
         )
     )
-    print(f"  {contention.report()}")
-    print()
-    for passed, line in results:
-        print(f"{'PASS' if passed else 'FAIL'} {line}")
-    print(f"(benchmark took {time.monotonic() - began:.0f} s)")
-    return 0 if all(passed for passed, _ in results) else 1
+    return results
 
 
 async def burst(
     session: aiohttp.ClientSession,
     server: Child,
+    provider: Provider,
     name: str,
     batch: int,
     seconds: float,
@@ -343,7 +428,7 @@ async def burst(
             json.dumps(
                 {
                     "url": server.webhook_url,
-                    "token": INGEST_TOKEN,
+                    "provider": provider.name,
                     "batch": batch,
                     "concurrency": n,
                     "prefix": f"{name[0]}{batch:02d}{index}{os.getpid() % 10000:04d}",
@@ -460,12 +545,13 @@ class Child:
         command: list[str],
         log: Path,
         port: int,
-        webhook_path: str,
+        provider: Provider,
         ingest_port: int | None = None,
     ):
         self.log = log
         self.port = port
-        self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{webhook_path}"
+        self.provider = provider
+        self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{provider.path}"
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         with log.open("w") as stderr:
             self.process = subprocess.Popen(
@@ -474,7 +560,7 @@ class Child:
         self.pid = self.process.pid
 
     @classmethod
-    def baseline(cls, workdir: Path) -> Child:
+    def baseline(cls, workdir: Path, provider: Provider) -> Child:
         port = free_port()
         command = [
             sys.executable,
@@ -484,21 +570,13 @@ class Child:
             str(port),
             str(os.getpid()),
         ]
-        return cls(command, workdir / "baseline.log", port, f"/webhooks/d7/{ACCOUNT}")
+        return cls(command, workdir / "baseline.log", port, provider)
 
     @classmethod
-    def exporter(cls, workdir: Path) -> Child:
+    def exporter(cls, workdir: Path, provider: Provider) -> Child:
         closed = free_port()  # nothing listens there: every poll is refused, quickly
         config = workdir / "config.yaml"
-        config.write_text(
-            f"""d7:
-  - account: {ACCOUNT}
-    base_url: http://127.0.0.1:{closed}
-    token: bench-d7-token
-    ingest_token: {INGEST_TOKEN}
-    retry_first: 1h
-"""
-        )
+        config.write_text(provider.config(closed))
         port, ingest = free_port(), free_port()
         command = [
             sys.executable,
@@ -509,7 +587,7 @@ class Child:
             f"--web.ingest-address=127.0.0.1:{ingest}",
             f"--storage.path={workdir / 'exporter-storage'}",
         ]
-        return cls(command, workdir / "exporter.log", port, f"/webhooks/d7/{ACCOUNT}", ingest)
+        return cls(command, workdir / "exporter.log", port, provider, ingest)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -544,15 +622,16 @@ class Child:
         series = await self.metrics(session)
         if "baseline" in self.log.stem:
             return int(series.get(("bare_events_stored_total", frozenset()), 0))
-        account = ("account", ACCOUNT)
+        ours = {("account", ACCOUNT), ("provider", self.provider.name)}
+        events_name, events_labels = self.provider.events_series
         events = sum(
             v
             for (name, labels), v in series.items()
-            if name == "whatsapp_tracking_webhook_events_total" and account in labels
+            if name == events_name and ours | set(events_labels) <= labels
         )
         messages: Counter[str] = Counter()
         for (name, labels), v in series.items():
-            if name == "whatsapp_messages_total" and account in labels:
+            if name == "whatsapp_messages_total" and ours <= labels:
                 messages[dict(labels)["status"]] += v
         return events, messages
 
@@ -646,6 +725,35 @@ def serve_baseline(db_path: str, port: str, parent: str) -> int:
             rows.append((key, status))
         if not 1 <= len(rows) <= 1000:
             return web.json_response({"error": "1 to 1000 events"}, status=422)
+        return await committed(rows)
+
+    async def meta_webhook(request: web.Request) -> web.Response:
+        """What a durable Meta receiver must do: the signature over the raw bytes checked in
+        constant time before anything is believed, then Meta's envelope walked to its
+        statuses."""
+        body = await request.read()
+        given = request.headers.get("X-Hub-Signature-256", "").encode()
+        expected = b"sha256=" + hmac.new(APP_SECRET, body, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response({"error": "signature"}, status=401)
+        try:
+            delivery = json.loads(body)
+            rows = [
+                (status["id"], status["status"])
+                for entry in delivery["entry"]
+                for change in entry["changes"]
+                if change["field"] == "messages"
+                for status in change["value"].get("statuses", ())
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.json_response({"error": "not a Meta webhook"}, status=400)
+        if not all(isinstance(key, str) and isinstance(kind, str) for key, kind in rows):
+            return web.json_response({"error": "id and status"}, status=400)
+        if len(rows) > 1000:
+            return web.json_response({"error": "at most 1000 statuses"}, status=413)
+        return await committed(rows) if rows else web.json_response({"accepted": 0})
+
+    async def committed(rows: list[tuple[str, str]]) -> web.Response:
         future = loop.create_future()
         waiting.put((rows, future))
         try:
@@ -669,7 +777,8 @@ def serve_baseline(db_path: str, port: str, parent: str) -> int:
         thread = threading.Thread(target=writer, name="group-commit", daemon=True)
         thread.start()
         app = web.Application()
-        app.router.add_post(f"/webhooks/d7/{ACCOUNT}", webhook)
+        app.router.add_post(PROVIDERS["d7"].path, webhook)
+        app.router.add_post(PROVIDERS["meta"].path, meta_webhook)
         app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -689,10 +798,43 @@ def serve_baseline(db_path: str, port: str, parent: str) -> int:
     return 0
 
 
-# --- the load ---------------------------------------------------------------------------------
+# --- what differs by provider -----------------------------------------------------------------
 
 
-def events(prefix: str, first: int, count: int, now: float) -> tuple[bytes, list[str]]:
+@dataclass(frozen=True)
+class Provider:
+    """One provider's webhooks as the benchmark needs them; everything else is shared."""
+
+    name: str
+    title: str
+    what: str  # what one request carries, for the report
+    config: Callable[[int], str]  # the exporter's config, its poller pointed at a closed port
+    body: Callable[[str, int, int, float], tuple[bytes, list[str]]]  # N events, their statuses
+    headers: Callable[[bytes], dict[str, str]]  # one request's, given its body
+    # the exporter's own count of what it accepted: (sample name, labels)
+    events_series: tuple[str, tuple[tuple[str, str], ...]]
+    per_request: bool  # that count is one per request (Meta's changes), not one per event
+    batch_target: float | None  # events/s, 50 per request
+    batch_ratio_target: float | None  # 50 per request, exporter / baseline
+    p99_target: float | None  # /metrics p99 during a burst
+
+    @property
+    def path(self) -> str:
+        return f"/webhooks/{self.name}/{ACCOUNT}"
+
+
+def d7_config(closed: int) -> str:
+    """`retry_first: 1h`: the ids it learns from webhooks never come due during the run."""
+    return f"""d7:
+  - account: {ACCOUNT}
+    base_url: http://127.0.0.1:{closed}
+    token: bench-d7-token
+    ingest_token: {INGEST_TOKEN}
+    retry_first: 1h
+"""
+
+
+def d7_events(prefix: str, first: int, count: int, now: float) -> tuple[bytes, list[str]]:
     """`count` webhook events, each a new message of a new request; their statuses."""
     stamp = int(now * 1000)
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
@@ -720,11 +862,82 @@ def events(prefix: str, first: int, count: int, now: float) -> tuple[bytes, list
     return body.encode(), statuses
 
 
+D7_HEADERS = {"Authorization": f"Bearer {INGEST_TOKEN}", "Content-Type": "application/json"}
+
+
+def meta_config(closed: int) -> str:
+    """Every poll an hour apart (and refused): only the webhooks cost anything."""
+    return f"""meta:
+  - account: {ACCOUNT}
+    base_url: http://127.0.0.1:{closed}
+    token: bench-meta-token
+    waba_id: "{WABA_ID}"
+    app_secret: {APP_SECRET.decode()}
+    health: {{interval: 1h}}
+    templates: {{interval: 1h}}
+    analytics: {{interval: 1h}}
+"""
+
+
+def meta_statuses(prefix: str, first: int, count: int, now: float) -> tuple[bytes, list[str]]:
+    """One delivery of one `messages` change with `count` statuses, each a new wamid, as Meta
+    batches them; their statuses."""
+    stamp = int(now)
+    texts, statuses = [], []
+    for n in range(first, first + count):
+        status = STATUSES[n % len(STATUSES)]
+        texts.append(
+            META_STATUS
+            % (prefix, n, status, stamp, n % 10**9, CONVERSATIONS[n % len(CONVERSATIONS)])
+        )
+        statuses.append(status)
+    return (META_DELIVERY % (WABA_ID, stamp, ",".join(texts))).encode(), statuses
+
+
+def meta_headers(body: bytes) -> dict[str, str]:
+    """Meta signs every delivery: HMAC-SHA256 of its raw bytes with the app secret."""
+    signature = hmac.new(APP_SECRET, body, hashlib.sha256).hexdigest()
+    return {"X-Hub-Signature-256": f"sha256={signature}", "Content-Type": "application/json"}
+
+
+PROVIDERS = {
+    "d7": Provider(
+        name="d7",
+        title="D7",
+        what="D7 delivery events (one JSON object, or a list of 50), a bearer ingest token",
+        config=d7_config,
+        body=d7_events,
+        headers=lambda _body: D7_HEADERS,
+        events_series=("whatsapp_tracking_webhook_events_total", ()),
+        per_request=False,
+        batch_target=BATCH_TARGET,
+        batch_ratio_target=None,
+        p99_target=P99_TARGET,
+    ),
+    "meta": Provider(
+        name="meta",
+        title="Meta",
+        what="signed Meta deliveries (one status, or 50 in one change's statuses)",
+        config=meta_config,
+        body=meta_statuses,
+        headers=meta_headers,
+        events_series=("whatsapp_webhook_events_total", (("field", "messages"),)),
+        per_request=True,
+        batch_target=None,
+        batch_ratio_target=BATCH_RATIO_TARGET,
+        p99_target=None,
+    ),
+}
+
+
+# --- the load ---------------------------------------------------------------------------------
+
+
 async def load(spec: dict) -> int:
     """Posts webhooks from `start_at` for `seconds`, `concurrency` in flight; prints a JSON
     report: events acknowledged by status, failures, answer latencies, its own CPU."""
     batch, prefix = spec["batch"], spec["prefix"]
-    headers = {"Authorization": f"Bearer {spec['token']}", "Content-Type": "application/json"}
+    provider = PROVIDERS[spec["provider"]]
     acked: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     answers: list[float] = []
@@ -743,7 +956,8 @@ async def load(spec: dict) -> int:
         async def worker() -> None:
             nonlocal requests
             while time.time() < end and os.getppid() == spec["parent"]:
-                body, statuses = events(prefix, next(numbers), batch, time.time())
+                body, statuses = provider.body(prefix, next(numbers), batch, time.time())
+                headers = provider.headers(body)
                 requests += 1
                 sent = time.perf_counter()
                 try:

@@ -1,6 +1,6 @@
-"""D7 delivery callbacks survive `kill -9` mid-burst: every callback the exporter answered 2xx
-before it died is counted after a restart on the same storage, and none is counted twice, not
-even when D7 sends it again.
+"""D7 delivery callbacks and Meta's signed webhooks survive `kill -9` mid-burst: every status the
+exporter answered 2xx before it died is counted after a restart on the same storage, and none is
+counted twice, not even when the provider sends it again.
 
 Only the exporter's external interfaces: it runs as `python -m exporter`, callbacks arrive over
 its webhook from several concurrent clients, and the counts are read from /metrics. Each event
@@ -10,11 +10,13 @@ with the ones it implies (read implies delivered implies sent).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +25,15 @@ import pytest
 
 from tests.conftest import Series, free_port, values, wait_for
 from tests.test_d7_durability import exporter  # the same process, killed the same way
+from tests.test_meta_webhooks import SECRET, signature, status_body
+from tests.test_meta_webhooks import status as meta_status
 
 pytestmark = pytest.mark.processes  # `python -m exporter`, killed with -9 and started again
 
 ACCOUNT = "cb"
 INGEST_TOKEN = "ingest-callbacks"
 AUTH = {"Authorization": f"Bearer {INGEST_TOKEN}"}
+WABA_ID = "102290129340398"
 CLIENTS = 8
 BATCH = 10  # the odd clients send 10 events a request, the even ones one
 KILL_AFTER = 1500  # events acknowledged before the kill
@@ -55,6 +60,68 @@ def event(number: int) -> dict:
     }
 
 
+def post_d7(http: httpx.Client, url: str, numbers: list[int]) -> httpx.Response:
+    """One event as D7 sends one, several as a JSON list."""
+    body = event(numbers[0]) if len(numbers) == 1 else [event(n) for n in numbers]
+    return http.post(f"{url}/webhooks/d7/{ACCOUNT}", json=body, headers=AUTH)
+
+
+def post_meta(http: httpx.Client, url: str, numbers: list[int]) -> httpx.Response:
+    """One signed delivery, its statuses in one change as Meta batches them, each a new wamid."""
+    now = time.time()
+    statuses = [
+        meta_status(
+            f"wamid.cb{n:012d}", STATUSES[n % len(STATUSES)], now, recipient_id=f"4917{n:09d}"
+        )
+        for n in numbers
+    ]
+    raw = json.dumps(status_body(WABA_ID, *statuses)).encode()
+    headers = {"X-Hub-Signature-256": signature(raw), "Content-Type": "application/json"}
+    return http.post(f"{url}/webhooks/meta/{ACCOUNT}", content=raw, headers=headers)
+
+
+def d7_config(closed: int) -> str:
+    """The ids the poller learns are not due within the test: only callbacks write."""
+    return f"""d7:
+  - account: {ACCOUNT}
+    base_url: http://127.0.0.1:{closed}
+    token: d7-token
+    ingest_token: {INGEST_TOKEN}
+    retry_first: 1h
+"""
+
+
+def meta_config(closed: int) -> str:
+    """Polls an hour apart: only webhooks write."""
+    return f"""meta:
+  - account: {ACCOUNT}
+    base_url: http://127.0.0.1:{closed}
+    token: meta-token
+    waba_id: "{WABA_ID}"
+    app_secret: {SECRET}
+    health: {{interval: 1h}}
+    templates: {{interval: 1h}}
+    analytics: {{interval: 1h}}
+"""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """What differs between the providers' webhooks here; the kill and the checks are one."""
+
+    config: Callable[[int], str]  # its poller pointed at this closed port
+    post: Callable[[httpx.Client, str, list[int]], httpx.Response]
+    # the ledger's messages, in the states that together hold every one the webhooks told of
+    tracked: tuple[str, tuple[str, ...]]
+
+
+PROVIDERS = {
+    "d7": Provider(d7_config, post_d7, ("whatsapp_tracked_requests", ("pending",))),
+    # a read status is final: those messages are done, not pending
+    "meta": Provider(meta_config, post_meta, ("whatsapp_tracked_messages", ("pending", "done"))),
+}
+
+
 @dataclass
 class Outcomes:
     """What the clients know: events answered 2xx, and events sent but never answered."""
@@ -68,18 +135,19 @@ class Outcomes:
             return len(self.acked)
 
 
-def burst(url: str, client: int, outcomes: Outcomes, stop: threading.Event) -> None:
+def burst(
+    provider: Provider, url: str, client: int, outcomes: Outcomes, stop: threading.Event
+) -> None:
     """One client posting callbacks back to back until its exporter dies (or 20 s pass)."""
     size = BATCH if client % 2 else 1
     numbers = iter(range(client * 1_000_000, (client + 1) * 1_000_000, size))
     deadline = time.monotonic() + 20
-    with httpx.Client(headers=AUTH, timeout=10) as http:
+    with httpx.Client(timeout=10) as http:
         while not stop.is_set() and time.monotonic() < deadline:
             first = next(numbers)
             batch = list(range(first, first + size))
-            body = event(first) if size == 1 else [event(n) for n in batch]
             try:
-                answer = http.post(f"{url}/webhooks/d7/{ACCOUNT}", json=body)
+                answer = provider.post(http, url, batch)
             except httpx.HTTPError:
                 with outcomes.lock:
                     outcomes.unknown.update(batch)  # perhaps stored, perhaps not
@@ -106,33 +174,28 @@ def expected(numbers: set[int]) -> dict[str, float]:
     return out
 
 
-def pending(series: Series) -> float | None:
-    found = values(series, "whatsapp_tracked_requests", account=ACCOUNT, state="pending")
-    return found[0][1] if found else None
+def tracked(provider: Provider, series: Series) -> float | None:
+    name, states = provider.tracked
+    found = [v for labels, v in values(series, name, account=ACCOUNT) if labels["state"] in states]
+    return sum(found) if found else None
 
 
+@pytest.mark.parametrize("name", PROVIDERS)
 def test_kill_9_mid_burst_loses_no_acknowledged_callback_and_counts_none_twice(
-    tmp_path: Path,
+    tmp_path: Path, name: str
 ) -> None:
+    provider = PROVIDERS[name]
     config = tmp_path / "config.yaml"
-    # the poller points at a closed port and the ids it learns are not due within the test:
-    # only callbacks write to the ledger
-    config.write_text(
-        f"""d7:
-  - account: {ACCOUNT}
-    base_url: http://127.0.0.1:{free_port()}
-    token: d7-token
-    ingest_token: {INGEST_TOKEN}
-    retry_first: 1h
-"""
-    )
+    config.write_text(provider.config(free_port()))  # every poll is refused
     storage = tmp_path / "storage"
     outcomes = Outcomes()
     stop = threading.Event()
 
     with exporter(config, storage) as first:
         clients = [
-            threading.Thread(target=burst, args=(first.url, i, outcomes, stop), daemon=True)
+            threading.Thread(
+                target=burst, args=(provider, first.url, i, outcomes, stop), daemon=True
+            )
             for i in range(CLIENTS)
         ]
         for client in clients:
@@ -162,19 +225,16 @@ def test_kill_9_mid_burst_loses_no_acknowledged_callback_and_counts_none_twice(
                 low,
                 high,
             )
-        assert len(acked) <= (pending(series) or 0) <= len(acked | unknown)
+        assert len(acked) <= (tracked(provider, series) or 0) <= len(acked | unknown)
         print(f"after the restart: {after_restart}, at least {low}")
 
-        # D7 sends again what got no answer, and some of what did: each still counts once
+        # the provider sends again what got no answer, and some of what did: each counts once
         again = sorted(unknown) + sorted(acked)[:: max(1, len(acked) // 200)]
-        with httpx.Client(headers=AUTH, timeout=10) as http:
+        with httpx.Client(timeout=10) as http:
             for start in range(0, len(again), 50):
-                answer = http.post(
-                    f"{second.url}/webhooks/d7/{ACCOUNT}",
-                    json=[event(n) for n in again[start : start + 50]],
-                )
+                answer = provider.post(http, second.url, again[start : start + 50])
                 assert answer.status_code == 200, answer.text
         everything = acked | unknown
         want = expected(everything)
         wait_for(lambda: counted(second.scrape() or {}) == want, 10, "the resent callbacks")
-        assert pending(second.scrape() or {}) == len(everything)
+        assert tracked(provider, second.scrape() or {}) == len(everything)
