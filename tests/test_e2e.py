@@ -38,6 +38,7 @@ pytestmark = pytest.mark.processes  # Prometheus, Alertmanager and the exporter 
 DEVICE = "15550000002"
 FOR = "5s"
 INGEST = "e2e-ingest"
+META_SECRET = "e2e-app-secret"
 
 
 class Receiver:
@@ -120,7 +121,8 @@ def stack(tmp_path) -> Iterator[dict]:
             auto=True, tick=0.2, index_delay=0, sent_delay=0.2, delivered_delay=0.5, read_delay=1.0
         ) as d7,
         KaleyraSimulator(numbers=["+12025550100"], auto=True, tick=0.5) as kaleyra,
-        MetaSimulator(auto=True, tick=0.5, call_budget=None) as meta,
+        # a fifth of Meta's messages fail, so that its failures-by-code panel has data
+        MetaSimulator(auto=True, tick=0.5, call_budget=None, p_failed=0.2) as meta,
     ):
         # a number at risk and a paused template, so that the Meta panels of those have data
         meta.P_QUALITY = meta.P_LIMIT = meta.P_TEMPLATE = 0.0
@@ -146,7 +148,7 @@ kaleyra:
       rate_limit: 100/s}}
 meta:
   - {{account: acme, base_url: "{meta.base_url}", token: demo-token, waba_id: "{meta.waba_id}",
-      interval: 1s, rate_limit: 100/s}}
+      interval: 1s, rate_limit: 100/s, app_secret: {META_SECRET}, verify_token: e2e-verify}}
 """
         with run_exporter(config, strict=False) as running:
             d7.webhook_url = f"{running.url}/webhooks/d7/prod"
@@ -154,6 +156,11 @@ meta:
             stop = threading.Event()
             traffic = threading.Thread(target=send_d7, args=(d7, running.url, stop), daemon=True)
             traffic.start()
+            # Meta's signed status webhooks for what the business sends
+            meta.app_secret = META_SECRET
+            meta.webhook_url = f"{running.url}/webhooks/meta/acme"
+            statuses = threading.Thread(target=send_meta, args=(meta, stop), daemon=True)
+            statuses.start()
 
             # Alertmanager from the bundled file: the receiver's URL and short waits
             am_config = yaml.safe_load((ROOT / "prometheus/alertmanager.yml").read_text())
@@ -238,6 +245,11 @@ def send_d7(sim: D7Simulator, url: str, stop: threading.Event) -> None:
                 json={"account": "prod", "request_ids": ids},
                 headers={"Authorization": f"Bearer {INGEST}"},
             )
+
+
+def send_meta(sim: MetaSimulator, stop: threading.Event) -> None:
+    while not stop.wait(0.3):
+        sim.send_messages(3)
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
