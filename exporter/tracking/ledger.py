@@ -80,6 +80,8 @@ class Vocabulary:
     # sending app hands ids in as it sends); off, a message whose sent time is unknown is not
     # observed, rather than observed from whenever its first webhook happened to arrive
     timed_from_hand_in: bool = True
+    # the conversation_type of a status that names none (design.md: Meta's is "")
+    no_conversation_type: str = "unknown"
 
     def status(self, raw: object) -> str:
         status = str(raw or "").strip().lower().replace(" ", "_").replace("-", "_")
@@ -150,13 +152,13 @@ class Totals:
         )
 
 
-def _bounded(raw: object, known: frozenset[str]) -> str:
-    """A category label: one of `known`, "other", or "unknown" when none is given; always ""
+def _bounded(raw: object, known: frozenset[str], missing: str = "unknown") -> str:
+    """A category label: one of `known`, "other", or `missing` when none is given; always ""
     for a provider without such categories (Meta has no message types)."""
     if not known:
         return ""
     value = str(raw or "").strip().lower()
-    return value if value in known else ("other" if value else "unknown")
+    return value if value in known else ("other" if value else missing)
 
 
 class _Normalised:
@@ -200,7 +202,13 @@ class _Normalised:
         v, (statuses, conversations, kinds) = self._v, self._memo
         found = (
             self._once(statuses, update.status, v.status),
-            self._once(conversations, update.conversation_type, _bounded, v.conversation_types),
+            self._once(
+                conversations,
+                update.conversation_type,
+                _bounded,
+                v.conversation_types,
+                v.no_conversation_type,
+            ),
             self._once(kinds, update.message_type, _bounded, v.message_types),
         )
         if len(self._triples) < self.MEMO and all(

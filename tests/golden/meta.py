@@ -20,7 +20,7 @@ TOTALS = Totals(
         ("sent", "marketing", ""): 1000,
         ("delivered", "marketing", ""): 960,
         ("read", "marketing", ""): 700,
-        ("failed", "unknown", ""): 25,
+        ("failed", "", ""): 25,
         ("sent", "utility", ""): 40,
         ("delivered", "utility", ""): 40,
     },

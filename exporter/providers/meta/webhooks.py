@@ -100,6 +100,7 @@ VOCABULARY = Vocabulary(
     settled_by_webhooks=True,  # no poll per message: the final status settles it
     detailed=frozenset({"failed"}),
     timed_from_hand_in=False,  # the first webhook's arrival is no send time
+    no_conversation_type="",  # a failed status carries no pricing (design.md)
 )
 
 SHOWN = Shown(
