@@ -155,22 +155,23 @@ class _Status(Answer):
     # which was a tenth of a batched delivery's CPU
     errors: tuple[_Error, ...] = ()
 
-    def update(self) -> tuple[str, MessageUpdate, bool]:
-        """(message id, its update, whether its time was unusable)."""
-        at = _seconds(self.timestamp)
-        category = (self.pricing and self.pricing.category) or (
-            self.conversation and self.conversation.origin and self.conversation.origin.type
-        )
-        code = next((e.code for e in self.errors if e.code), "") if self.errors else ""
-        wamid = safe_text(self.id, 256)
-        update = MessageUpdate(
-            msg_id=wamid,
-            status=self.status,
-            conversation_type=category or "",
-            at=at,
-            detail=code if code.isascii() and code.isdigit() else ("other" if code else ""),
-        )
-        return wamid, update, at is None and self.timestamp not in ("", None)
+    def update(self, latest: float) -> tuple[str, MessageUpdate, bool]:
+        """(message id, its update, whether its time was unusable); `latest`: the newest
+        believable time (asked once per delivery: a campaign's burst makes one per status, and
+        this ran more often than the parse)."""
+        stamp = self.timestamp
+        at = _seconds(stamp, latest=latest)
+        pricing = self.pricing
+        category = pricing.category if pricing is not None else None
+        if not category and self.conversation is not None and self.conversation.origin:
+            category = self.conversation.origin.type
+        code = ""
+        if self.errors:
+            code = next((e.code for e in self.errors if e.code), "") or ""
+            code = code if code.isascii() and code.isdigit() else ("other" if code else "")
+        wamid = self.id if self.id.isascii() and len(self.id) <= 256 else safe_text(self.id, 256)
+        update = MessageUpdate(wamid, self.status, category or "", "", at, code)
+        return wamid, update, at is None and stamp is not None and stamp != ""
 
 
 class _Restriction(Answer):
@@ -217,16 +218,19 @@ class _Delivery(Answer):
 _DELIVERY = pydantic.TypeAdapter(_Delivery)
 
 
-def _seconds(timestamp: Any, ahead: float = 86400.0) -> float | None:
+def _seconds(timestamp: Any, ahead: float = 86400.0, latest: float | None = None) -> float | None:
     """Unix seconds, as a string or a number, believable: not before 2015, not further ahead
-    than `ahead` (a status: a day, for clocks that differ; a restriction's end: years)."""
+    than `ahead` (a status: a day, for clocks that differ; a restriction's end: years), or than
+    `latest` when the caller knows it."""
     if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str):
         return None
     try:
         seconds = float(timestamp)
     except (ValueError, OverflowError):
         return None
-    return seconds if EARLIEST <= seconds <= time.time() + ahead else None
+    if latest is None:
+        latest = time.time() + ahead
+    return seconds if EARLIEST <= seconds <= latest else None
 
 
 def signed(body: bytes, header: str, secret: str) -> bool:
@@ -397,10 +401,11 @@ class Webhooks:
     async def _store(self, name: str, entries: list[_Entry]) -> None:
         """The entries' statuses, committed before this returns."""
         batch, bad = [], 0
+        latest = time.time() + 86400  # a day ahead, for clocks that differ
         for entry in entries:
             for change in entry.changes:
                 for status in change.value.statuses:
-                    wamid, update, unusable = status.update()
+                    wamid, update, unusable = status.update(latest)
                     bad += unusable
                     sent = update.at if update.status.strip().lower() == "sent" else None
                     batch.append((wamid, update, sent))
