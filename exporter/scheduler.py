@@ -310,16 +310,7 @@ class Scheduler:
                 or poller.digests.get((endpoint.name, target)) != digest
                 or not self.snapshot.unchanged(key, endpoint.interval, took)
             ):
-                # translating and writing lines is the poll's CPU: off the loop, which keeps
-                # serving scrapes meanwhile (the snapshot gets bytes)
-                rendered = await asyncio.get_running_loop().run_in_executor(
-                    self._renderer,
-                    _render,
-                    endpoint,
-                    target,
-                    result,
-                    (("provider", provider), ("account", account)),
-                )
+                rendered = await self._render(endpoint, key, result)
                 self.snapshot.succeeded(key, endpoint.interval, rendered, took)
         except PollError as error:
             self._failed(poller, key, endpoint, error, time.monotonic() - started)
@@ -363,15 +354,8 @@ class Scheduler:
         result = change(before)
         if result is None:
             return False
-        rendered = await asyncio.get_running_loop().run_in_executor(
-            self._renderer,
-            _render,
-            endpoint,
-            target,
-            result,
-            (("provider", provider), ("account", account)),
-        )
         key = TargetKey(provider, account, endpoint_name, target)
+        rendered = await self._render(endpoint, key, result)
         # (a poll that finished meanwhile is as fresh as the news, or fresher)
         if known.get(target) is before and self.snapshot.amended(key, rendered, since):
             known[target] = result
@@ -379,6 +363,18 @@ class Scheduler:
             poller.digests.pop((endpoint_name, target), None)
             return True
         return False
+
+    async def _render(self, endpoint: Endpoint, key: TargetKey, result: Any) -> list[Rendered]:
+        """Translating and writing lines is a poll's CPU: in the render thread, off the loop,
+        which keeps serving scrapes meanwhile (the snapshot gets bytes)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._renderer,
+            _render,
+            endpoint,
+            key.target,
+            result,
+            (("provider", key.provider), ("account", key.account)),
+        )
 
     def _failed(
         self, poller: Poller, key: TargetKey, endpoint: Endpoint, error: PollError, took: float
