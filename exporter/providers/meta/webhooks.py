@@ -422,8 +422,15 @@ class Webhooks:
                 field = change.field if change.field in FIELDS else "other"
                 event = _event(seen, field, change.value.event)
                 seen.events[field, event] = seen.events.get((field, event), 0) + 1
-                with contextlib.suppress(Exception):  # news that cannot be applied is counted
+                try:
                     await self._apply(name, seen, field, change.value, since)
+                except Exception as exc:  # counted above; the poll will show it anyway
+                    log.warning(
+                        "a Meta webhook's news could not be applied; the next poll shows it",
+                        extra={
+                            "fields": {"account": name, "field": field, "error": type(exc).__name__}
+                        },
+                    )
         self._changed()
 
     async def _apply(self, name: str, seen: Heard, field: str, value: _Value, at: float) -> None:
