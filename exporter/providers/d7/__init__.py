@@ -40,6 +40,7 @@ from exporter.providers.d7.statuses import SHOWN, open_d7_ledger
 from exporter.routing import Route
 from exporter.tracking import Ledger, LedgerError, MessageUpdate, Pending, Totals, families
 from exporter.tracking.families import LAST_WEBHOOK_HELP, PROBLEMS_HELP
+from exporter.tracking.times import age
 
 log = logging.getLogger(__name__)
 
@@ -327,19 +328,13 @@ class Tracking:
                 "pending": str(states.get("pending", 0)),
                 "done": str(states.get("done", 0)),
                 "expired": str(states.get("expired", 0)),
-                "oldest pending": _age(now - oldest) if oldest else "none",
-                "last webhook": _age(now - webhook) + " ago" if webhook else "none yet",
+                "oldest pending": age(now - oldest) if oldest else "none",
+                "last webhook": age(now - webhook) + " ago" if webhook else "none yet",
             }
         return out
 
     def close(self) -> None:
         self.ledger.close()
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 def _labels(account: str) -> tuple[tuple[str, str], ...]:

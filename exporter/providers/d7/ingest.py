@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
@@ -21,6 +20,7 @@ from exporter.providers.base import MAX_DEPTH, Answer, load_json, nested_deeper_
 from exporter.providers.d7.account import Account
 from exporter.routing import Request, Response, Route, json_response
 from exporter.tracking import Ledger, LedgerError, MessageUpdate
+from exporter.tracking.times import event_time
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ MAX_IDS = 1000
 MAX_BODY = 256 * 1024
 REQUESTS_PATH = "/api/v1/requests"
 WEBHOOK_PREFIX = "/webhooks/d7/"
-
-EARLIEST = 1_420_070_400.0  # 2015-01-01: no WhatsApp Business message is older
 
 RequestId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -49,7 +47,7 @@ class WebhookEvent(Answer):
 
     def update(self) -> tuple[MessageUpdate, bool]:
         """The event for the ledger, and whether its timestamp was bad (dropped, counted)."""
-        at = _seconds(self.timestamp)
+        at = event_time(self.timestamp, per_second=1000)
         return (
             MessageUpdate(
                 msg_id=safe_text(self.msg_id or "#0", 128),
@@ -60,21 +58,6 @@ class WebhookEvent(Answer):
             ),
             at is None and self.timestamp not in ("", None),
         )
-
-
-def _seconds(timestamp: Any) -> float | None:
-    """When it happened, if D7 said so believably. A time that is no number ("soon", {}) is a
-    bad time, not a bad event: its status is kept. One before 2015 or more than a day ahead
-    (`1e400` is +Inf) would poison the delivery histogram for good."""
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str):
-        return None
-    try:
-        seconds = float(timestamp) / 1000
-    except (ValueError, OverflowError):
-        return None
-    if not EARLIEST <= seconds <= time.time() + 86400:  # (NaN: never)
-        return None
-    return seconds
 
 
 _ONE = pydantic.TypeAdapter(WebhookEvent)

@@ -53,13 +53,13 @@ from exporter.tracking import (
     open_ledger,
 )
 from exporter.tracking.families import LAST_WEBHOOK_HELP, PROBLEMS_HELP
+from exporter.tracking.times import AHEAD, age, event_time
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/webhooks/meta/"
 MAX_BODY = 1 << 20  # the web server's own limit; Meta's deliveries are a few KB
 MAX_ENTRIES = 1000
-EARLIEST = 1_420_070_400.0  # 2015-01-01
 EXPIRE_EVERY = 60.0  # seconds between sweeps of messages that never reached a final status
 FIELDS = (
     "messages",
@@ -160,7 +160,7 @@ class _Status(Answer):
         believable time (asked once per delivery: a campaign's burst makes one per status, and
         this ran more often than the parse)."""
         stamp = self.timestamp
-        at = _seconds(stamp, latest=latest)
+        at = event_time(stamp, latest=latest)
         pricing = self.pricing
         category = pricing.category if pricing is not None else None
         if not category and self.conversation is not None and self.conversation.origin:
@@ -216,21 +216,6 @@ class _Delivery(Answer):
 
 
 _DELIVERY = pydantic.TypeAdapter(_Delivery)
-
-
-def _seconds(timestamp: Any, ahead: float = 86400.0, latest: float | None = None) -> float | None:
-    """Unix seconds, as a string or a number, believable: not before 2015, not further ahead
-    than `ahead` (a status: a day, for clocks that differ; a restriction's end: years), or than
-    `latest` when the caller knows it."""
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str):
-        return None
-    try:
-        seconds = float(timestamp)
-    except (ValueError, OverflowError):
-        return None
-    if latest is None:
-        latest = time.time() + ahead
-    return seconds if EARLIEST <= seconds <= latest else None
 
 
 def signed(body: bytes, header: str, secret: str) -> bool:
@@ -401,7 +386,7 @@ class Webhooks:
     async def _store(self, name: str, entries: list[_Entry]) -> None:
         """The entries' statuses, committed before this returns."""
         batch, bad = [], 0
-        latest = time.time() + 86400  # a day ahead, for clocks that differ
+        latest = time.time() + AHEAD
         for entry in entries:
             for change in entry.changes:
                 for status in change.value.statuses:
@@ -417,7 +402,7 @@ class Webhooks:
         seen = self._account(name)
         seen.last = time.time()
         for entry in entries:
-            since = _seconds(entry.time) or time.time()
+            since = event_time(entry.time) or time.time()
             for change in entry.changes:
                 field = change.field if change.field in FIELDS else "other"
                 event = _event(seen, field, change.value.event)
@@ -471,7 +456,7 @@ class Webhooks:
                 "pending": str(states.get("pending", 0)),
                 "done": str(states.get("done", 0)),
                 "expired": str(states.get("expired", 0)),
-                "last webhook": f"{now - last:.0f}s ago" if last else "none yet",
+                "last webhook": age(now - last) + " ago" if last else "none yet",
             }
         return out
 
@@ -585,7 +570,7 @@ def _account_update(seen: Heard, value: _Value) -> None:
     if event == "ACCOUNT_RESTRICTION":
         for restriction in value.restriction_info:
             kind = safe_text(str(restriction.restriction_type or "unknown"), 64)
-            until = _seconds(restriction.expiration, ahead=10 * 365 * 86400.0)
+            until = event_time(restriction.expiration, ahead=10 * 365 * 86400.0)
             if until is None:  # no end given: restricted until Meta says otherwise
                 until = math.inf
             if kind in seen.restrictions or len(seen.restrictions) < 32:
