@@ -195,6 +195,20 @@ class Burst:
     client_cpu: float  # the load processes' CPU seconds
     answers: list[float]  # answer latencies (s) of acknowledged requests
     scrapes: list[Scrape] = field(default_factory=list)
+    # the exporter: seconds after the last answer until its journal was counted (a burst's
+    # webhooks are answered once stored, and counted when the writer has time)
+    drain: float = 0.0
+    drain_cpu: float = 0.0
+
+    @property
+    def counted_rate(self) -> float:
+        """Events over the time until the last of them was counted, not just answered."""
+        total = self.seconds + self.drain
+        return self.events / total if total > 0 else 0.0
+
+    @property
+    def counted_cpu_per_event(self) -> float:
+        return (self.cpu + self.drain_cpu) / self.events if self.events else math.nan
 
     @property
     def events(self) -> int:
@@ -297,7 +311,11 @@ async def run_provider(
             finally:
                 if spy:
                     spy.stop()
-            report_burst(bursts["exporter", size])
+            b = bursts["exporter", size]
+            started, cpu = time.monotonic(), cpu_seconds(exporter.pid)
+            await exporter.drained(session)
+            b.drain, b.drain_cpu = time.monotonic() - started, cpu_seconds(exporter.pid) - cpu
+            report_burst(b)
         await asyncio.sleep(1.0)  # a publication pass after the last answer
         counted = await exporter.counted(session)
     finally:
@@ -314,6 +332,13 @@ async def run_provider(
         print(
             f"  {burst_.server:>8}, {burst_.batch:>2} per request: {burst_.rate:>9,.0f} events/s, "
             f"CPU {burst_.cpu_per_event * 1000:.3f} ms per event"
+            + (
+                f"; counted {burst_.drain:.1f} s later: {burst_.counted_rate:,.0f} events/s"
+                f" answered and counted, CPU {burst_.counted_cpu_per_event * 1000:.3f} ms per"
+                " event"
+                if burst_.server == "exporter"
+                else ""
+            )
         )
     print(
         f"  exporter / baseline: one per request x{ratio:.2f} events/s, "
@@ -482,6 +507,11 @@ def report_burst(b: Burst) -> None:
     )
     if b.scrapes:
         print(f"    /metrics meanwhile: {scrape_summary(b.scrapes)}")
+    if b.server == "exporter":
+        print(
+            f"    counted {b.drain:.1f} s after the last answer (CPU meanwhile "
+            f"{b.drain_cpu:.2f} s): {b.counted_rate:,.0f} events/s acknowledged and counted"
+        )
 
 
 # --- /metrics on a fixed schedule -------------------------------------------------------------
@@ -634,6 +664,19 @@ class Child:
             if name == "whatsapp_messages_total" and ours <= labels:
                 messages[dict(labels)["status"]] += v
         return events, messages
+
+    async def drained(self, session: aiohttp.ClientSession, timeout: float = 300.0) -> None:
+        """Until whatsapp_tracking_backlog_statuses is 0: every acknowledged status counted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            series = await self.metrics(session)
+            backlog = sum(
+                v for (name, _), v in series.items() if name == "whatsapp_tracking_backlog_statuses"
+            )
+            if backlog == 0:
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit(f"{self.log.stem}'s journal was not counted within {timeout:g} s")
 
     def stop(self) -> None:
         stop_process(self.process, 30)

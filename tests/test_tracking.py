@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +31,8 @@ from exporter.tracking import (
     open_ledger,
 )
 from exporter.tracking import ledger as ledger_module
-from exporter.tracking.stores import SQLiteStore
+from exporter.tracking.stores import LedgerError, SQLiteStore
+from tests.conftest import wait_for
 from tests.postgres import (  # noqa: F401 - fixtures
     ledger_location_fixture,
     postgres_server_fixture,
@@ -48,6 +53,12 @@ SCHEDULE = Schedule(first=1, max=10, not_found_grace=5, final_after=100, expire_
 
 def update(msg_id: str, status: str) -> MessageUpdate:
     return MessageUpdate(msg_id, status, "marketing", "")
+
+
+def counted(ledger: Ledger):
+    """The totals once the journal has been counted (a burst's calls are journaled first)."""
+    wait_for(lambda: ledger.backlog() == 0, 10, "the journal to be counted")
+    return ledger.totals()
 
 
 def hold_inside_a_transaction(ledger: Ledger, account: str = "a") -> tuple[threading.Event, Future]:
@@ -107,7 +118,9 @@ class CountingStore(SQLiteStore):
         return super().executemany(sql, rows)
 
 
-def test_calls_queued_while_the_writer_is_busy_share_one_commit(tmp_path):
+def test_calls_queued_while_the_writer_is_busy_share_one_commit(tmp_path, monkeypatch):
+    """A burst's webhooks are acknowledged from one journal commit, and counted after."""
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)  # not counted until the writer is woken
     store = CountingStore(tmp_path / "l.db", CHAT.names)
     ledger = Ledger(store, vocabulary=CHAT)
     release, cycle = hold_inside_a_transaction(ledger)
@@ -122,7 +135,12 @@ def test_calls_queued_while_the_writer_is_busy_share_one_commit(tmp_path):
     assert [f.result(10) for f in hand_ins] == [2] * 50
     assert all(f.result(10) is None for f in callbacks)
     assert store.begun - begun <= 2, f"{store.begun - begun} transactions for 250 queued calls"
-    totals = ledger.totals()
+    assert ledger.backlog() == 200  # acknowledged: stored, not counted yet
+    assert ledger.totals()["a"].messages == {}
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    ledger.due("a", 1).result(10)  # wakes the writer, which counts the journal when idle
+    totals = counted(ledger)
+    assert store.begun - begun <= 3, f"{store.begun - begun} transactions for 250 calls, counted"
     assert totals["a"].messages == {
         ("delivered", "marketing", ""): 200,
         ("sent", "marketing", ""): 200,
@@ -352,6 +370,7 @@ def test_a_batch_wakes_its_event_loop_once(tmp_path):
     results, wakeups = asyncio.run(burst())
     assert results == [None] * 100
     assert wakeups <= 2, f"{wakeups} wake-ups for one batch of 100"
+    counted(ledger)
     assert ledger.pending_count("a") == 100
     ledger.close()
 
@@ -472,3 +491,123 @@ def test_without_a_sent_time_nothing_is_observed_and_quiet_deliveries_settle(led
         assert ledger.totals()["a"].states == {"pending": 0, "done": 3, "expired": 0}
     finally:
         ledger.close()
+
+
+def journaled_burst(ledger: Ledger, calls: list[list[tuple[str, MessageUpdate, float | None]]]):
+    """Webhook calls queued behind a poll cycle, as a burst's are: journaled, then answered."""
+    release, cycle = hold_inside_a_transaction(ledger)
+    futures = [ledger.report("a", events, SCHEDULE) for events in calls]
+    release.set()
+    cycle.result(10)
+    return [f.result(10) for f in futures]
+
+
+def test_a_journaled_burst_survives_a_restart_and_counts_each_status_once(
+    ledger_location, monkeypatch
+):
+    """Acknowledged from the journal, stopped before it was counted: counted after the restart,
+    every status once however often it came (and `kill -9`: test_callback_durability.py)."""
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)  # the writer never finds time to count
+    ledger = open_ledger(ledger_location, vocabulary=CHAT)
+    calls = [
+        [(f"r{i % 20}", update(f"m{i % 20}", ("sent", "delivered", "read")[i % 3]), None)]
+        for i in range(60)  # 20 messages, each read, delivered and sent, some twice
+    ] + [[("r0", update("m0", "read"), None)] * 3]
+    assert journaled_burst(ledger, calls) == [None] * len(calls)
+    assert ledger.backlog() == 63 and ledger.totals()["a"].messages == {}
+    ledger.close()
+
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    reopened = open_ledger(ledger_location, vocabulary=CHAT)
+    assert reopened.backlog() == 63, "the journal was not kept"
+    totals = counted(reopened)
+    assert totals["a"].messages == {
+        (status, "marketing", ""): 20 for status in ("sent", "delivered", "read")
+    }
+    assert totals["a"].states["pending"] == 20 and totals["a"].backlog == 0
+    reopened.close()
+    again = open_ledger(ledger_location, vocabulary=CHAT)
+    assert again.totals()["a"].messages == totals["a"].messages, "counted twice"
+    again.close()
+
+
+def test_a_full_journal_refuses_webhooks_until_it_drains(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)
+    monkeypatch.setattr(ledger_module, "HARD_BACKLOG", 10)
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    journaled_burst(ledger, [[(f"r{i}", update(f"m{i}", "sent"), None)] for i in range(10)])
+    with pytest.raises(LedgerError, match="journal holds 10 statuses not yet counted"):
+        ledger.report("a", [("r99", update("m99", "sent"), None)], SCHEDULE).result(1)
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    ledger.due("a", 1).result(10)  # wakes the writer
+    counted(ledger)
+    ledger.report("a", [("r99", update("m99", "sent"), None)], SCHEDULE).result(10)
+    assert ledger.totals()["a"].messages == {("sent", "marketing", ""): 11}
+    ledger.close()
+
+
+def test_an_unreadable_journal_row_is_dropped_with_an_error_not_stuck_on(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    journaled_burst(ledger, [[(f"r{i}", update(f"m{i}", "sent"), None)] for i in range(5)])
+    ledger.close()
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        db.execute("UPDATE chat_journal SET body = 'not json' WHERE seq = 2")
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    reopened = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    totals = counted(reopened)
+    assert totals["a"].messages == {("sent", "marketing", ""): 4}
+    assert "journal row 2 cannot be read; it is dropped" in caplog.text
+    reopened.close()
+
+
+def test_past_the_soft_backlog_the_writer_counts_between_batches(tmp_path, monkeypatch):
+    """Webhooks that never stop coming still get counted: acknowledging slows instead."""
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)  # never idle
+    monkeypatch.setattr(ledger_module, "SOFT_BACKLOG", 10)
+    monkeypatch.setattr(ledger_module, "CHUNK", 5)
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    journaled_burst(ledger, [[(f"r{i}", update(f"m{i}", "sent"), None)] for i in range(40)])
+    for i in range(40, 200):  # one call at a time: each batch is followed by a chunk counted
+        ledger.report("a", [(f"r{i}", update(f"m{i}", "sent"), None)], SCHEDULE).result(10)
+    assert ledger.backlog() <= 10
+    assert ledger.totals()["a"].messages[("sent", "marketing", "")] >= 190
+    ledger.close()
+
+
+KILLED = """
+import os, signal, sys
+from exporter.tracking import ledger as ledger_module
+from exporter.tracking import open_ledger
+from tests.test_tracking import CHAT, journaled_burst, update
+ledger_module.IDLE = 60.0  # acknowledged, never counted: then killed
+ledger = open_ledger(sys.argv[1], vocabulary=CHAT)
+calls = [[(f"r{i}", update(f"m{i}", "delivered"), None)] * 2 for i in range(300)]
+assert journaled_burst(ledger, calls) == [None] * 300
+print(ledger.backlog(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.processes
+def test_a_journal_acknowledged_and_then_killed_is_counted_once_after(tmp_path):
+    location = str(tmp_path / "l.db")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED, location],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout.split() == ["600"], killed.stdout
+    reopened = open_ledger(location, vocabulary=CHAT)
+    totals = counted(reopened)
+    assert totals["a"].messages == {
+        ("delivered", "marketing", ""): 300,
+        ("sent", "marketing", ""): 300,
+    }
+    assert totals["a"].states["pending"] == 300
+    reopened.close()

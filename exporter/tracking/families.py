@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.metrics import Family, Sample
-from exporter.tracking.ledger import BUCKETS, STATES, Totals
+from exporter.tracking.ledger import BUCKETS, HARD_BACKLOG, STATES, Totals
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ PROBLEMS_HELP = (
     "before 2015 or in the future: its status was kept, its time ignored), unknown_waba (a Meta "
     "webhook entry for a WABA no account is configured with: kept for the account of its URL)."
 )
+BACKLOG_HELP = (
+    "Statuses acknowledged and stored in the ledger's journal but not yet counted: during a "
+    "burst webhooks are answered once stored and counted when the writer has time. Stays high "
+    f"when the exporter cannot count as fast as they come (past {HARD_BACKLOG:,}, webhooks are "
+    "refused with 503 until it drains)."
+)
 LAST_WEBHOOK_HELP = (
     "Unix time of the newest webhook accepted for the account: a callback that stopped "
     "arriving shows here long before the delivered ratio drifts."
@@ -49,7 +55,7 @@ def families(
     shown: Shown, totals: Mapping[str, Totals], accounts: Iterable[str] = ()
 ) -> list[Family]:
     """Every account in `accounts` is shown, at 0 until the ledger knows it."""
-    messages, tracked, delivery, details = [], [], [], []
+    messages, tracked, delivery, details, backlog = [], [], [], [], []
     for account in sorted({*totals, *accounts}):
         t = totals.get(account) or Totals()
         base = (("provider", shown.provider), ("account", account))
@@ -61,6 +67,7 @@ def families(
                 ("message_type", kind),
             )
             messages.append(Sample(labels, float(count), "_total"))
+        backlog.append(Sample(base, float(t.backlog)))
         for state in STATES:
             tracked.append(Sample((*base, ("state", state)), float(t.states.get(state, 0))))
         for status in sorted(t.buckets):
@@ -81,6 +88,7 @@ def families(
         Family("whatsapp_messages", "counter", MESSAGES_HELP, tuple(messages)),
         Family(f"whatsapp_tracked_{shown.tracked}", "gauge", shown.tracked_help, tuple(tracked)),
         Family("whatsapp_message_delivery_seconds", "histogram", DELIVERY_HELP, tuple(delivery)),
+        Family("whatsapp_tracking_backlog_statuses", "gauge", BACKLOG_HELP, tuple(backlog)),
     ]
     if shown.details is not None:
         _, name, _, help_text = shown.details

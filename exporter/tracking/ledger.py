@@ -16,6 +16,13 @@ future, and a batch's futures are settled with one wake-up of their loop, not on
 totals the metrics show are published after each commit as a new mapping that is never changed
 again, so a reader (the event loop) takes them without a lock and never waits for a transaction.
 With PostgreSQL other replicas write too, so the writer also reads the totals back every second.
+
+While the writer keeps up, a webhook's statuses are counted in the transaction that commits them.
+When webhooks queue faster than that (a campaign's burst), each call is committed as one row of a
+journal instead and answered after that COMMIT: durable, at the rate rows can be stored. The
+writer counts the journal's rows when no job is waiting (and, past SOFT_BACKLOG, between
+batches), deleting them in the transaction that counts them, so each is counted once across
+restarts and `kill -9`; what waits is `Totals.backlog`, shown as whatsapp_tracking_backlog_statuses.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -53,6 +62,16 @@ AGAIN = 3  # runs of a transaction the server undid to break a deadlock, before 
 BUSY_RETRY = 0.05
 PATIENCE = 5.0
 STATES = ("pending", "done", "expired")
+# The journal (see the top): webhook calls are journaled, not counted at once, when a batch of
+# the writer's holds this many of them or this many events, or while the journal holds any
+JOURNAL_CALLS = 4
+JOURNAL_EVENTS = 256
+IDLE = 0.02  # seconds without a job after which the writer counts from the journal
+CHUNK = 4096  # events counted from the journal in one transaction, at least one call's
+# events waiting: past SOFT, the writer counts a chunk between batches too (acknowledging slows
+# to the counting rate); past HARD, webhooks are refused (503: the provider sends them again)
+SOFT_BACKLOG = 500_000
+HARD_BACKLOG = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,7 @@ class Totals:
     sums: dict[str, float] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     details: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, detail)
+    backlog: int = 0  # events acknowledged into the journal, not yet counted
 
     def copy(self) -> Totals:
         return Totals(
@@ -149,6 +169,7 @@ class Totals:
             dict(self.sums),
             dict(self.states),
             dict(self.details),
+            self.backlog,
         )
 
 
@@ -256,13 +277,14 @@ class _Counted:
     seconds: Counter[tuple[str, str, int]] = field(default_factory=Counter)  # their sum
     states: Counter[tuple[str, str]] = field(default_factory=Counter)  # requests moved
     details: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    backlog: Counter[str] = field(default_factory=Counter)  # journal events added or counted
 
     def accounts(self) -> set[str]:
         return {
             key[0]
             for counts in (self.messages, self.observed, self.states, self.details)
             for key in counts
-        }
+        } | set(self.backlog)
 
 
 @dataclass(slots=True)
@@ -318,6 +340,9 @@ class Ledger:
         self._failing = False
         self._waiting: list[_Job] = []  # jobs set aside while another replica held their lock
         self._busy_since: float | None = None
+        self._drain_after = 0.0  # (monotonic) a journal that could not be counted waits a bit
+        self._drain_failing = False
+        self._drain_busy: dict[str, float] = {}  # accounts another replica held, until when
         self._writer = threading.Thread(
             target=self._write_forever, name=f"ledger {vocabulary.names.prefix}", daemon=True
         )
@@ -355,7 +380,15 @@ class Ledger:
         starts being tracked, and each status counts once. Resolves once committed.
 
         Unless the vocabulary says webhooks settle messages, only a poll, whose answer lists
-        every message of the request, decides that a request is done."""
+        every message of the request, decides that a request is done. Under a burst the
+        statuses are journaled when this resolves, and counted soon after (see the top); with
+        HARD_BACKLOG of them waiting, refused."""
+        waiting = self.backlog()
+        if waiting >= HARD_BACKLOG:
+            return self._failed(
+                f"cannot write {self._v.title} ledger: its journal holds {waiting} statuses not"
+                " yet counted; more are refused until it drains"
+            )
         return self._submit(
             self._report, (account, events, schedule), (account,), merge=("report", account)
         )
@@ -394,6 +427,10 @@ class Ledger:
         """The newest published totals: never waits (the event loop renders from them)."""
         return self._totals
 
+    def backlog(self) -> int:
+        """Events journaled and not yet counted, over all accounts."""
+        return sum(t.backlog for t in self._totals.values())
+
     def pending_count(self, account: str) -> int:
         totals = self._totals.get(account)
         return totals.states.get("pending", 0) if totals else 0
@@ -426,6 +463,14 @@ class Ledger:
         future.set_exception(LedgerError(f"cannot {verb} {self._v.title} ledger: it is closed"))
         return future
 
+    def _failed(self, message: str) -> Pending:
+        try:
+            future: Pending = asyncio.get_running_loop().create_future()
+        except RuntimeError:
+            future = Future()
+        future.set_exception(LedgerError(message))
+        return future
+
     def _write_forever(self) -> None:
         try:
             while self._write_once():
@@ -436,17 +481,29 @@ class Ledger:
             self._store.close()
 
     def _write_once(self) -> bool:
-        """One batch (or, idle, a refresh); False once closed."""
+        """One batch (or, idle, a chunk of the journal or a refresh); False once closed."""
         try:
             waiting, self._waiting = self._waiting, []
-            timeout = BUSY_RETRY if waiting else REFRESH_EVERY if self._store.shared else None
+            backlog = self.backlog()
+            timeout = (
+                BUSY_RETRY
+                if waiting
+                else IDLE
+                if backlog
+                else REFRESH_EVERY
+                if self._store.shared
+                else None
+            )
             try:
                 first = self._queue.get(timeout=timeout)
             except queue.Empty:
                 if waiting:
                     self._run(waiting)
+                elif backlog:
+                    self._drain(CHUNK)
                 else:
                     self._refresh()
+                self._refresh_if_due()
                 return True
             jobs = [*waiting, first]
             while len(jobs) < MAX_BATCH:
@@ -454,13 +511,65 @@ class Ledger:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._run([job for job in jobs if job is not None])
-            if self._store.shared and time.monotonic() - self._refreshed >= REFRESH_EVERY:
-                self._refresh()
-            return None not in jobs
+            closing = None in jobs
+            jobs, journaled = self._journaled([job for job in jobs if job is not None], backlog)
+            self._run(jobs)
+            if backlog + journaled >= SOFT_BACKLOG:  # count faster than calls come in
+                self._drain(max(CHUNK, 2 * journaled))
+            self._refresh_if_due()
+            return not closing
         except Exception:  # a bug here must not leave every later caller waiting forever
             log.exception(f"{self._v.title} ledger's writer failed; it goes on")
             return not self._closing.is_set()
+
+    def _refresh_if_due(self) -> None:
+        if self._store.shared and time.monotonic() - self._refreshed >= REFRESH_EVERY:
+            self._refresh()
+
+    def _journaled(self, jobs: list[_Job], backlog: int) -> tuple[list[_Job], int]:
+        """The batch, its webhook calls made journal rows if it is a burst's (or the journal
+        holds any: the rows are counted in the order they came); and how many events that is."""
+        calls = [job for job in jobs if job.run == self._report]
+        events = sum(len(job.args[1]) for job in calls)
+        if not calls or not (backlog or len(calls) >= JOURNAL_CALLS or events >= JOURNAL_EVENTS):
+            return jobs, 0
+        journal = {"run": self._journal, "accounts": (), "merge": ("journal",)}
+        return [
+            dataclasses.replace(job, **journal) if job.run == self._report else job for job in jobs
+        ], events
+
+    def _drain(self, at_least: int) -> None:
+        """Counts the oldest journal rows of one account (whose lock no other replica holds),
+        at least `at_least` events of them, in one transaction that deletes them."""
+        now = time.monotonic()
+        if now < self._drain_after:
+            return
+        try:
+            with self._reading():
+                heads = self._store.execute(self._sql.journal_heads).fetchall()
+            for (account,) in heads:
+                if self._drain_busy.get(account, 0.0) > now:
+                    continue
+                try:
+                    with self._transaction((account,), wait=False):
+                        self._count_journaled(account, at_least)
+                except _Busy:  # another replica's poll cycle: its rows wait, others' go on
+                    self._drain_busy[account] = now + BUSY_RETRY
+                    continue
+                self._changed()
+                break
+        except LedgerError as exc:
+            self._drain_after = now + (0.0 if exc.again else 1.0)
+            if not exc.again and not self._drain_failing:
+                log.warning(
+                    f"{self._v.title} ledger cannot count its journal; it tries again",
+                    extra={"fields": {"error": str(exc)}},
+                )
+            self._drain_failing = not exc.again
+            return
+        if self._drain_failing:
+            log.info(f"{self._v.title} ledger counts its journal again")
+            self._drain_failing = False
 
     def _refuse_the_rest(self) -> None:
         while True:
@@ -589,6 +698,44 @@ class Ledger:
         if self._v.settled_by_webhooks:
             done = [rid for rid, m in messages.items() if self._settled(m, now, schedule)]
             self._finish(account, done, "done", now)
+
+    def _journal(self, *calls: tuple[str, Sequence[Any], Schedule]) -> None:
+        """Webhook calls as journal rows, one each: what `_report` will need, and no more."""
+        rows = []
+        for account, events, schedule in calls:
+            body = json.dumps([(rid, update, sent) for rid, update, sent in events])
+            rows.append((account, len(events), json.dumps(dataclasses.astuple(schedule)), body))
+            self._counted.backlog[account] += len(events)
+        self._store.executemany(self._sql.journal_add, rows)
+
+    def _count_journaled(self, account: str, at_least: int) -> None:
+        """The account's oldest journal rows counted, as the calls they were, and deleted."""
+        chosen, events = [], 0
+        for seq, count in self._store.execute(
+            self._sql.journal_next, (account, MAX_BATCH)
+        ).fetchall():
+            chosen.append(seq)
+            events += count
+            if events >= at_least:
+                break
+        taken = self._store.execute(
+            self._sql.journal_take, (account, self._store.pack(chosen))
+        ).fetchall()
+        calls = []
+        for seq, count, schedule, body in sorted(taken):
+            self._counted.backlog[account] -= count
+            try:
+                batch = [
+                    (rid, MessageUpdate(*update), sent) for rid, update, sent in json.loads(body)
+                ]
+                calls.append((account, batch, Schedule(*json.loads(schedule))))
+            except (ValueError, TypeError) as exc:  # not what `_journal` wrote: never stuck on it
+                log.error(
+                    f"{self._v.title} ledger's journal row {seq} cannot be read; it is dropped",
+                    extra={"fields": {"account": account, "events": count, "error": str(exc)}},
+                )
+        if calls:
+            self._report(*calls)
 
     def _due(self, account: str, limit: int) -> list[Due]:
         rows = self._store.execute(self._sql.due, (account, self._clock(), limit)).fetchall()
@@ -785,12 +932,15 @@ class Ledger:
         counted = _Counted()
         with self._reading():
             with self._store.batch():  # every second on a shared ledger: one round trip
-                queries = (self._sql.message_counts, self._sql.delivery_seconds)
-                cursors = [
-                    self._store.execute(q)
-                    for q in (*queries, self._sql.state_counts, self._sql.detail_counts)
-                ]
-            messages, seconds, states, details = (cursor.fetchall() for cursor in cursors)
+                queries = (
+                    self._sql.message_counts,
+                    self._sql.delivery_seconds,
+                    self._sql.state_counts,
+                    self._sql.detail_counts,
+                    self._sql.journal_counts,
+                )
+                cursors = [self._store.execute(q) for q in queries]
+            messages, seconds, states, details, journal = (c.fetchall() for c in cursors)
             for account, status, conversation, kind, count in messages:
                 counted.messages[account, status, conversation, kind] = count
             for account, status, bucket, count, total in seconds:
@@ -800,6 +950,8 @@ class Ledger:
                 counted.states[account, state] = count
             for account, status, detail, count in details:
                 counted.details[account, status, detail] = count
+            for account, count in journal:
+                counted.backlog[account] = int(count)
         totals: dict[str, Totals] = {}
         _add_counts(totals, counted)
         return totals
@@ -966,6 +1118,20 @@ class _Statements:
             " (account, status, detail)"
             " DO UPDATE SET count = {p}detail_counts.count + excluded.count"
         )
+        self.journal_add = sql(
+            "INSERT INTO {p}journal (account, events, schedule, body) VALUES (?, ?, ?, ?)"
+        )
+        self.journal_heads = sql(
+            "SELECT account FROM {p}journal GROUP BY account ORDER BY MIN(seq)"
+        )
+        self.journal_next = sql(
+            "SELECT seq, events FROM {p}journal WHERE account = ? ORDER BY seq LIMIT ?"
+        )
+        self.journal_take = sql(
+            "DELETE FROM {p}journal WHERE account = ? AND seq <in>"
+            " RETURNING seq, events, schedule, body"
+        )
+        self.journal_counts = sql("SELECT account, SUM(events) FROM {p}journal GROUP BY account")
         self.add_message_counts = sql(
             "INSERT INTO {p}message_counts VALUES (?, ?, ?, ?, ?) ON CONFLICT"
             " (account, status, conversation_type, message_type)"
@@ -1041,6 +1207,8 @@ def _add_counts(totals: dict[str, Totals], counted: _Counted) -> None:
     for (account, *key), count in counted.details.items():
         details = totals.setdefault(account, Totals()).details
         details[tuple(key)] = details.get(tuple(key), 0) + count
+    for account, change in counted.backlog.items():
+        totals.setdefault(account, Totals()).backlog += change
 
 
 class _Replayable:

@@ -71,6 +71,17 @@ SCHEMA = (
     count {count} NOT NULL,
     PRIMARY KEY (account, status, detail)
 ){table_options}""",
+    # webhooks acknowledged but not yet counted, one row per call (a request's events, as the
+    # provider's module made them: ids and statuses, never a recipient); the writer counts them
+    # and deletes their rows in one transaction (ledger.py, "the journal")
+    """CREATE TABLE IF NOT EXISTS {p}journal (
+    seq {serial},
+    account TEXT NOT NULL,
+    events INTEGER NOT NULL,
+    schedule TEXT NOT NULL,
+    body TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS {p}journal_account ON {p}journal (account, seq)",
 )
 
 
@@ -177,7 +188,12 @@ class Store:
 class SQLiteStore(Store):
     """One file (WAL), one writing process: request states are counted from the rows at open."""
 
-    types: ClassVar = {"real": "REAL", "count": "INTEGER", "table_options": " WITHOUT ROWID"}
+    types: ClassVar = {
+        "real": "REAL",
+        "count": "INTEGER",
+        "table_options": " WITHOUT ROWID",
+        "serial": "INTEGER PRIMARY KEY",
+    }
     state_counts: ClassVar = (
         "SELECT account, state, COUNT(*) FROM {p}requests GROUP BY account, state"
     )
@@ -245,7 +261,12 @@ class PostgresStore(Store):
     changes what it counts, so any replica reads the same totals."""
 
     shared: ClassVar = True
-    types: ClassVar = {"real": "DOUBLE PRECISION", "count": "BIGINT", "table_options": ""}
+    types: ClassVar = {
+        "real": "DOUBLE PRECISION",
+        "count": "BIGINT",
+        "table_options": "",
+        "serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    }
     schema: ClassVar = (
         """CREATE TABLE IF NOT EXISTS {p}request_counts (
     account TEXT NOT NULL,
