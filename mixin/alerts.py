@@ -273,6 +273,7 @@ def meta_alerts(c: Config) -> list[Rule]:
     limit = c.m("whatsapp_messaging_limit")
     restricted = c.m("whatsapp_account_restricted", 'provider="meta"')
     last_webhook = c.m("whatsapp_exporter_last_webhook_timestamp_seconds", 'provider="meta"')
+    backlog = c.m("whatsapp_tracking_backlog_statuses")
     sent_today = c.m("whatsapp_analytics_messages", 'provider="meta"', 'state="sent"')
     auth_errors = c.m("whatsapp_exporter_poll_errors_total", 'provider="meta"', 'reason="auth"')
     by_template = "provider, account, template, language"
@@ -403,6 +404,22 @@ def meta_alerts(c: Config) -> list[Rule]:
             {{ $value | humanizeDuration }} old although its numbers sent messages in the last
             hour (the polled analytics): message statuses, quality and template updates no
             longer reach the exporter.""",
+        ),
+        alert(
+            c,
+            "WhatsAppTrackingBacklogStuck",
+            # a burst's journal empties within seconds to minutes; one never empty for the
+            # whole window means webhooks come faster than they are counted
+            # (every sample of the last 5m above 0, for 20m: a fresh series cannot fire early)
+            f"min_over_time(min by (provider, account) ({backlog})[5m:1m]) > 0",
+            c.tracking_backlog_for,
+            "warning",
+            "{{ $labels.provider }} statuses of {{ $labels.account }} are counted slower than they"
+            " arrive",
+            f"""The exporter's journal of acknowledged, not yet counted {{{{ $labels.provider }}}}
+            statuses for account {{{{ $labels.account }}}} has not been empty for
+            {c.tracking_backlog_for} ({{{{ $value }}}} waiting at the least): its delivery counts
+            lag behind, and once the journal is full webhooks are refused with 503.""",
         ),
     ]
 

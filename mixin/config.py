@@ -52,6 +52,8 @@ class Config:
     # seconds without any webhook while the polled analytics count sends in the last hour: the
     # hour more leaves room for the analytics' own lag and their 15-minute poll
     meta_webhooks_silent_after: int = 7200
+    # the tracking journal never empty for this long: statuses come faster than they are counted
+    tracking_backlog_for: str = "20m"
 
     def objective_of(self, provider: str) -> float:
         return self.objectives.get(provider, self.objective)
