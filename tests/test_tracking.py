@@ -611,3 +611,25 @@ def test_a_journal_acknowledged_and_then_killed_is_counted_once_after(tmp_path):
     }
     assert totals["a"].states["pending"] == 300
     reopened.close()
+
+
+def test_a_journal_row_that_cannot_be_counted_is_found_alone_and_dropped(
+    tmp_path, monkeypatch, caplog
+):
+    """Acknowledged rows are counted whatever one of them holds: the chunk that fails is tried
+    row by row, and the row that fails alone is logged and dropped, never tried forever."""
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)
+    ledger = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    journaled_burst(ledger, [[(f"r{i}", update(f"m{i}", "sent"), None)] for i in range(5)])
+    ledger.close()
+    with sqlite3.connect(tmp_path / "l.db") as db:  # a read at a time that is no number
+        bad = '[["r2", ["m2", "read", "marketing", "", "soon", ""], null]]'
+        db.execute("UPDATE chat_journal SET body = ? WHERE seq = 3", (bad,))
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    reopened = open_ledger(str(tmp_path / "l.db"), vocabulary=CHAT)
+    totals = counted(reopened)
+    assert totals["a"].messages == {("sent", "marketing", ""): 4}
+    assert "journal row 3 cannot be counted; it is dropped" in caplog.text
+    reopened.report("a", [("r9", update("m9", "sent"), None)], SCHEDULE).result(10)
+    assert reopened.totals()["a"].messages == {("sent", "marketing", ""): 5}
+    reopened.close()

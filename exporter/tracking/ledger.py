@@ -343,6 +343,8 @@ class Ledger:
         self._drain_after = 0.0  # (monotonic) a journal that could not be counted waits a bit
         self._drain_failing = False
         self._drain_busy: dict[str, float] = {}  # accounts another replica held, until when
+        # accounts whose chunk failed: how many of their rows are still counted one at a time
+        self._drain_suspect: dict[str, int] = {}
         self._writer = threading.Thread(
             target=self._write_forever, name=f"ledger {vocabulary.names.prefix}", daemon=True
         )
@@ -550,11 +552,26 @@ class Ledger:
             for (account,) in heads:
                 if self._drain_busy.get(account, 0.0) > now:
                     continue
+                alone = self._drain_suspect.get(account, 0)
                 try:
                     with self._transaction((account,), wait=False):
-                        self._count_journaled(account, at_least)
+                        if not alone:
+                            self._count_journaled(account, at_least)
+                        elif self._count_journaled(account, 1, drop=True):
+                            self._drain_suspect[account] = alone - 1
+                        else:  # (found, and dropped)
+                            self._drain_suspect[account] = 0
                 except _Busy:  # another replica's poll cycle: its rows wait, others' go on
                     self._drain_busy[account] = now + BUSY_RETRY
+                    continue
+                except LedgerError:
+                    raise
+                except Exception:  # not the database: a row it cannot take; found one by one
+                    log.exception(
+                        f"{self._v.title} ledger cannot count journal rows of {account!r};"
+                        " they are tried one at a time"
+                    )
+                    self._drain_suspect[account] = MAX_BATCH  # rows a chunk may hold
                     continue
                 self._changed()
                 break
@@ -708,8 +725,10 @@ class Ledger:
             self._counted.backlog[account] += len(events)
         self._store.executemany(self._sql.journal_add, rows)
 
-    def _count_journaled(self, account: str, at_least: int) -> None:
-        """The account's oldest journal rows counted, as the calls they were, and deleted."""
+    def _count_journaled(self, account: str, at_least: int, *, drop: bool = False) -> bool:
+        """The account's oldest journal rows counted, as the calls they were, and deleted.
+        `drop`: one row, tried in a savepoint; if it cannot be counted it is deleted all the
+        same, with an error logged (never tried forever). True when that row counted."""
         chosen, events = [], 0
         for seq, count in self._store.execute(
             self._sql.journal_next, (account, MAX_BATCH)
@@ -734,8 +753,31 @@ class Ledger:
                     f"{self._v.title} ledger's journal row {seq} cannot be read; it is dropped",
                     extra={"fields": {"account": account, "events": count, "error": str(exc)}},
                 )
-        if calls:
+        if not calls:
+            return not drop
+        if not drop:
             self._report(*calls)
+            return True
+        counted, self._counted = self._counted, _Counted()
+        self._store.execute("SAVEPOINT one_row")
+        try:
+            self._report(*calls)
+        except Exception as exc:
+            if isinstance(exc, self._store.errors) and not isinstance(exc, self._store.data_errors):
+                raise  # the database itself: the row waits
+            self._store.execute("ROLLBACK TO SAVEPOINT one_row")
+            self._counted = counted
+            log.error(
+                f"{self._v.title} ledger's journal row {taken[0][0]} cannot be counted; it is"
+                " dropped",
+                extra={"fields": {"account": account, "error": type(exc).__name__}},
+            )
+            return False
+        self._store.execute("RELEASE SAVEPOINT one_row")
+        for key in ("messages", "observed", "seconds", "states", "details", "backlog"):
+            getattr(counted, key).update(getattr(self._counted, key))
+        self._counted = counted
+        return True
 
     def _due(self, account: str, limit: int) -> list[Due]:
         rows = self._store.execute(self._sql.due, (account, self._clock(), limit)).fetchall()

@@ -129,6 +129,8 @@ class Store:
     # `many` takes its rows as one JSON array, which the statement reads with json_each
     rows_as_json: ClassVar[bool] = False
     errors: tuple[type[Exception], ...]
+    # errors about what a statement was given, not about the database: the same rows fail again
+    data_errors: tuple[type[Exception], ...]
     where: str  # for messages: never a secret
     names: Names
 
@@ -202,6 +204,12 @@ class SQLiteStore(Store):
     # taking and dropping the interpreter's lock each time, while the event loop wants it too
     rows_as_json: ClassVar = True
     errors = (sqlite3.Error,)
+    data_errors = (
+        sqlite3.IntegrityError,
+        sqlite3.DataError,
+        sqlite3.ProgrammingError,
+        sqlite3.InterfaceError,
+    )
 
     def __init__(self, path: str | Path, names: Names, title: str = "the"):
         self.where = str(path)
@@ -290,6 +298,7 @@ class PostgresStore(Store):
         self._title = title
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
+        self.data_errors = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
         self._secrets = [password] if password else []
         self.where = redact(url)
         try:
