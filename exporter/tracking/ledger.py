@@ -452,11 +452,7 @@ class Ledger:
         write: bool = True,
         merge: Hashable | None = None,
     ) -> Pending:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        future: Pending = loop.create_future() if loop is not None else Future()
+        future, loop = _caller_future()
         with self._gate:
             if not self._closing.is_set():
                 self._queue.put(_Job(run, args, accounts, future, loop, write, merge))
@@ -466,10 +462,7 @@ class Ledger:
         return future
 
     def _failed(self, message: str) -> Pending:
-        try:
-            future: Pending = asyncio.get_running_loop().create_future()
-        except RuntimeError:
-            future = Future()
+        future, _ = _caller_future()
         future.set_exception(LedgerError(message))
         return future
 
@@ -774,8 +767,8 @@ class Ledger:
             )
             return False
         self._store.execute("RELEASE SAVEPOINT one_row")
-        for key in ("messages", "observed", "seconds", "states", "details", "backlog"):
-            getattr(counted, key).update(getattr(self._counted, key))
+        for counts in dataclasses.fields(_Counted):
+            getattr(counted, counts.name).update(getattr(self._counted, counts.name))
         self._counted = counted
         return True
 
@@ -1185,6 +1178,15 @@ class _Statements:
             " count = {p}delivery_seconds.count + excluded.count,"
             " sum = {p}delivery_seconds.sum + excluded.sum"
         )
+
+
+def _caller_future() -> tuple[Pending, asyncio.AbstractEventLoop | None]:
+    """An asyncio future for a caller on an event loop (with its loop), else a thread's."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return Future(), None
+    return loop.create_future(), loop
 
 
 def _deliver(outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
