@@ -4,11 +4,13 @@ latency, events, and the polled gauges a webhook changes at once."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import httpx
 import pytest
 
 from exporter.providers.meta import webhooks
+from exporter.tracking import ledger as ledger_module
+from exporter.tracking import open_ledger
 from simulators import MetaSimulator
 from tests.conftest import run_exporter, value, values, wait_for
 from tests.postgres import (  # noqa: F401 - fixtures: ledger_location runs on either backend
@@ -23,6 +27,8 @@ from tests.postgres import (  # noqa: F401 - fixtures: ledger_location runs on e
     postgres_server_fixture,
     postgres_url_fixture,
 )
+from tests.test_tracking import counted as tracking_counted
+from tests.test_tracking import journaled_burst
 
 SECRET = "app-secret-of-the-meta-app"
 VERIFY = "verify-me"
@@ -294,6 +300,47 @@ def test_statuses_survive_a_restart_and_are_not_counted_again(sim, tmp_path, led
         assert deliver(running, body).status_code == 200  # Meta's retry after the restart
         time.sleep(0.3)  # (a count that wrongly rose would be published by now)
         expect(lambda: counted(running), {"sent": 1, "delivered": 1})
+
+
+def test_a_journaled_burst_keeps_ids_statuses_times_and_codes_never_a_recipient(
+    tmp_path, monkeypatch
+):
+    """The tracking room journals a burst's statuses as the parse kept them and makes their
+    updates only when it counts them: what reaches the disk is that much and no more, and it
+    counts as the statuses did (category, implied steps, a failure's code, a non-ASCII id)."""
+    monkeypatch.setattr(ledger_module, "IDLE", 60.0)  # the writer never finds time to count
+    where = str(tmp_path / "meta.db")
+    ledger = open_ledger(where, vocabulary=webhooks.VOCABULARY)
+    now = time.time()
+    sent = status("wamid.one", "sent", now, biz_opaque_callback_data="order-4711")
+    read = status("wamid.one", "read", now + 5)
+    failed = status("wamid.\u00e9t\u00e9", "failed", now, errors=[{"code": 131026, "title": "T"}])
+    failed["timestamp"] = "soon"
+    body = json.dumps(status_body("1", sent, read, failed))
+    kept = list(webhooks._DELIVERY.validate_json(body).entry[0].changes[0].value.statuses)
+    assert journaled_burst(ledger, [kept] * 4) == [None] * 4  # (4 calls: journaled)
+    assert ledger.backlog() == 12
+    ledger.close()
+    with contextlib.closing(sqlite3.connect(where)) as db:
+        rows = [body for (body,) in db.execute("SELECT body FROM meta_journal")]
+    assert len(rows) == 4
+    for row in rows:
+        assert "15551234567" not in row and "order-4711" not in row and "PMP" not in row
+        assert "wamid.one" in row and "131026" in row
+
+    monkeypatch.setattr(ledger_module, "IDLE", 0.02)
+    reopened = open_ledger(where, vocabulary=webhooks.VOCABULARY)
+    try:
+        totals = tracking_counted(reopened)["a"]
+        assert totals.messages == {
+            ("sent", "marketing", ""): 1,  # (a failure implies no step before it)
+            ("delivered", "marketing", ""): 1,
+            ("read", "marketing", ""): 1,
+            ("failed", "marketing", ""): 1,
+        }
+        assert totals.details == {("failed", "131026"): 1}
+    finally:
+        reopened.close()
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Required
 from urllib.parse import parse_qs
 
 import pydantic
 from pydantic import Field
+from typing_extensions import TypedDict  # (pydantic wants it, not typing's, before 3.12)
 
 from exporter.exposition import safe_text
 from exporter.metrics import Family, Sample
@@ -76,48 +77,6 @@ REFUSED = ("signature", "verify_token", "malformed", "too_large")
 PROBLEMS = ("bad_timestamp", "unknown_waba")
 BANNED = frozenset({"DISABLE", "SCHEDULE_FOR_DISABLE"})
 
-VOCABULARY = Vocabulary(
-    title="the Meta",
-    statuses=("sent", "delivered", "read", "played", "failed"),
-    final=frozenset({"read", "played", "failed"}),
-    # a voice message played was read; one read was delivered; one delivered was sent: Meta
-    # may skip or reorder the steps in between, and the ratios stay right
-    implies={"played": ("read", "delivered", "sent"), "read": ("delivered", "sent")}
-    | {"delivered": ("sent",)},
-    conversation_types=frozenset(
-        {
-            "marketing",
-            "marketing_lite",
-            "utility",
-            "authentication",
-            "authentication_international",
-            "service",
-            "referral_conversion",
-        }
-    ),
-    message_types=frozenset(),
-    names=Names.of("meta"),
-    settled_by_webhooks=True,  # no poll per message: the final status settles it
-    detailed=frozenset({"failed"}),
-    timed_from_hand_in=False,  # the first webhook's arrival is no send time
-    no_conversation_type="",  # a failed status carries no pricing (design.md)
-)
-
-SHOWN = Shown(
-    provider="meta",
-    tracked="messages",
-    tracked_help="Meta messages in the exporter's ledger by state: pending until a "
-    "final status (read, played, failed) or expire_after, done, expired.",
-    details=(
-        "failed",
-        "whatsapp_message_failures",
-        "code",
-        "Meta messages that failed, each counted once, by Meta's error code (unknown: none "
-        "given; other: past 100 distinct codes).",
-    ),
-)
-
-
 # --- the body -----------------------------------------------------------------------------------
 
 
@@ -129,49 +88,70 @@ def _text(value: Any) -> Any:
 Text = Annotated[str, pydantic.BeforeValidator(_text)]
 
 
-class _Error(Answer):
-    code: Text | None = None
+# A status is a TypedDict, not a model: pydantic makes no object per status (a campaign's burst
+# has one per callback), only the dict of the fields below, every other one (the recipient, the
+# opaque callback data) dropped (pydantic's default for a TypedDict, checked in the tests); that
+# dict is what the tracking room journals and `_decode` reads. Ids and codes may come as numbers
+# or strings.
 
 
-class _Pricing(Answer):
-    category: str | None = None
+class _Error(TypedDict, total=False):
+    code: Text | None
 
 
-class _Origin(Answer):
-    type: str | None = None
+class _Pricing(TypedDict, total=False):
+    category: str | None
 
 
-class _Conversation(Answer):
-    origin: _Origin | None = None
+class _Origin(TypedDict, total=False):
+    type: str | None
 
 
-class _Status(Answer):
-    id: str = Field(min_length=1, max_length=256)
-    status: str = Field(max_length=64)
-    timestamp: Any = None
-    pricing: _Pricing | None = None
-    conversation: _Conversation | None = None
-    # tuples, not lists: pydantic deep-copies a mutable default for every object it makes,
-    # which was a tenth of a batched delivery's CPU
-    errors: tuple[_Error, ...] = ()
+class _Conversation(TypedDict, total=False):
+    origin: _Origin | None
 
-    def update(self, latest: float) -> tuple[str, MessageUpdate, bool]:
-        """(message id, its update, whether its time was unusable); `latest`: the newest
-        believable time (asked once per delivery: a campaign's burst makes one per status, and
-        this ran more often than the parse)."""
-        stamp = self.timestamp
-        at = event_time(stamp, latest=latest)
-        pricing = self.pricing
-        category = pricing.category if pricing is not None else None
-        if not category and self.conversation is not None and self.conversation.origin:
-            category = self.conversation.origin.type
+
+class _Status(TypedDict, total=False):
+    id: Required[Annotated[str, Field(min_length=1, max_length=256)]]
+    status: Required[Annotated[str, Field(max_length=64)]]
+    timestamp: Any
+    pricing: _Pricing | None
+    conversation: _Conversation | None
+    errors: list[_Error]
+
+
+def _decode(statuses: Iterable[Mapping[str, Any]]) -> list[tuple[str, MessageUpdate, float | None]]:
+    """Statuses as `_store` journaled them, as the tracking room counts them: (wamid, its
+    update, its send time if it is a `sent`). Run by the ledger's writer, not the event loop."""
+    latest = time.time() + AHEAD
+    out = []
+    for status in statuses:
+        wamid, state = status["id"], status["status"]
+        at = event_time(status.get("timestamp"), latest=latest)
+        pricing = status.get("pricing")
+        category = pricing.get("category") if pricing else None
+        conversation = status.get("conversation")
+        if not category and conversation:
+            category = (conversation.get("origin") or {}).get("type")
         code = ""
-        if self.errors:
-            code = next((e.code for e in self.errors if e.code), "") or ""
+        if errors := status.get("errors"):
+            code = next((e["code"] for e in errors if e.get("code")), "") or ""
             code = code if code.isascii() and code.isdigit() else ("other" if code else "")
-        wamid = self.id if self.id.isascii() and len(self.id) <= 256 else safe_text(self.id, 256)
-        update = MessageUpdate(wamid, self.status, category or "", "", at, code)
-        return wamid, update, at is None and stamp is not None and stamp != ""
+        if not (wamid.isascii() and len(wamid) <= 256):
+            wamid = safe_text(wamid, 256)
+        update = MessageUpdate(wamid, state, category or "", "", at, code)
+        out.append((wamid, update, at if state.strip().lower() == "sent" else None))
+    return out
+
+
+def _unusable_times(statuses: Iterable[Mapping[str, Any]], latest: float) -> int:
+    """How many statuses give a time that is no time (kept, without it: counted as a problem)."""
+    bad = 0
+    for status in statuses:
+        stamp = status.get("timestamp")
+        if stamp is not None and stamp != "" and event_time(stamp, latest=latest) is None:
+            bad += 1
+    return bad
 
 
 class _Restriction(Answer):
@@ -216,6 +196,49 @@ class _Delivery(Answer):
 
 
 _DELIVERY = pydantic.TypeAdapter(_Delivery)
+
+
+VOCABULARY = Vocabulary(
+    title="the Meta",
+    statuses=("sent", "delivered", "read", "played", "failed"),
+    final=frozenset({"read", "played", "failed"}),
+    # a voice message played was read; one read was delivered; one delivered was sent: Meta
+    # may skip or reorder the steps in between, and the ratios stay right
+    implies={"played": ("read", "delivered", "sent"), "read": ("delivered", "sent")}
+    | {"delivered": ("sent",)},
+    conversation_types=frozenset(
+        {
+            "marketing",
+            "marketing_lite",
+            "utility",
+            "authentication",
+            "authentication_international",
+            "service",
+            "referral_conversion",
+        }
+    ),
+    message_types=frozenset(),
+    names=Names.of("meta"),
+    settled_by_webhooks=True,  # no poll per message: the final status settles it
+    detailed=frozenset({"failed"}),
+    timed_from_hand_in=False,  # the first webhook's arrival is no send time
+    no_conversation_type="",  # a failed status carries no pricing (design.md)
+    decode=_decode,
+)
+
+SHOWN = Shown(
+    provider="meta",
+    tracked="messages",
+    tracked_help="Meta messages in the exporter's ledger by state: pending until a "
+    "final status (read, played, failed) or expire_after, done, expired.",
+    details=(
+        "failed",
+        "whatsapp_message_failures",
+        "code",
+        "Meta messages that failed, each counted once, by Meta's error code (unknown: none "
+        "given; other: past 100 distinct codes).",
+    ),
+)
 
 
 def signed(body: bytes, header: str, secret: str) -> bool:
@@ -385,16 +408,11 @@ class Webhooks:
 
     async def _store(self, name: str, entries: list[_Entry]) -> None:
         """The entries' statuses, committed before this returns."""
-        batch, bad = [], 0
-        latest = time.time() + AHEAD
+        batch: list[_Status] = []
         for entry in entries:
             for change in entry.changes:
-                for status in change.value.statuses:
-                    wamid, update, unusable = status.update(latest)
-                    bad += unusable
-                    sent = update.at if update.status.strip().lower() == "sent" else None
-                    batch.append((wamid, update, sent))
-        self._problem(name, "bad_timestamp", bad)
+                batch += change.value.statuses
+        self._problem(name, "bad_timestamp", _unusable_times(batch, time.time() + AHEAD))
         if batch:
             await self.ledger.report(name, batch, self._accounts()[name].schedule())
 
