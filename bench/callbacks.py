@@ -34,6 +34,11 @@ on 127.0.0.1:
   and then 50 per request, for a fixed time each. It counts the events acknowledged (2xx) by
   status, and the requests acknowledged.
 
+- an idle process (`--role idle`, in this file) that does nothing but answer a trivial /metrics,
+  scraped between the servers' scrapes on the same schedule: what the machine alone (two cores
+  shared with the load processes and the server) does to a scrape's latency during a burst, so
+  a slow /metrics shows whether it waited for its server or for a core.
+
 This process scrapes /metrics every 100 ms on a fixed schedule (every 5th scrape with gzip),
 in a quiet phase before the exporter's bursts and during each burst, and reads each server's CPU
 (utime + stime in /proc/<pid>/stat) around each burst. After the bursts, the exporter's own
@@ -125,7 +130,10 @@ META_DELIVERY = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--role", choices=("bench", "baseline", "load"), default="bench", help=argparse.SUPPRESS
+        "--role",
+        choices=("bench", "baseline", "idle", "load"),
+        default="bench",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--provider",
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.role == "baseline":
         return serve_baseline(*args.rest)
+    if args.role == "idle":
+        return serve_idle(*args.rest)
     if args.role == "load":
         return asyncio.run(load(json.loads(args.rest[0])))
     sys.stdout.reconfigure(line_buffering=True)  # progress shows even when piped
@@ -195,6 +205,8 @@ class Burst:
     client_cpu: float  # the load processes' CPU seconds
     answers: list[float]  # answer latencies (s) of acknowledged requests
     scrapes: list[Scrape] = field(default_factory=list)
+    # the idle process's meanwhile: what the machine alone does to a scrape's latency
+    idle: list[Scrape] = field(default_factory=list)
     # the exporter: seconds after the last answer until its journal was counted (a burst's
     # webhooks are answered once stored, and counted when the writer has time)
     drain: float = 0.0
@@ -230,6 +242,32 @@ class Scrape:
     ok: bool
 
 
+@dataclass(frozen=True)
+class Idle:
+    """A process that does nothing but answer a trivial /metrics, scraped between the servers'
+    scrapes: how much of a scrape's latency during a burst is this machine's (two cores shared
+    with the load and the server), whatever the server does."""
+
+    url: str
+    quiet: list[Scrape]
+
+    @classmethod
+    async def ready(cls, session: aiohttp.ClientSession, url: str, seconds: float) -> Idle:
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as answer:
+                    if answer.status == 200:
+                        return cls(url, await scrape_window(session, url, time.time(), seconds))
+            await asyncio.sleep(0.1)
+        raise SystemExit(f"the idle /metrics process did not answer at {url}")
+
+    def ratio(self, during: list[Scrape]) -> float:
+        """Its p50 during a burst over its quiet p50."""
+        quiet = pct([s.seconds for s in self.quiet], 50)
+        return pct([s.seconds for s in during], 50) / quiet if quiet else math.nan
+
+
 async def run(
     workdir: Path,
     providers: list[Provider],
@@ -249,10 +287,20 @@ async def run(
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=200), auto_decompress=False
     ) as session:
-        for provider in providers:
-            results += await run_provider(
-                session, provider, workdir / provider.name, single, batch, clients, profile
-            )
+        port = free_port()
+        command = [sys.executable, str(SCRIPT), "--role=idle", str(port), str(os.getpid())]
+        with (workdir / "idle.log").open("w") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            idle = await Idle.ready(session, f"http://127.0.0.1:{port}/metrics", single)
+            print(f"an idle process's trivial /metrics, quiet: {scrape_summary(idle.quiet)}")
+            for provider in providers:
+                where = workdir / provider.name
+                results += await run_provider(
+                    session, provider, where, single, batch, clients, profile, idle
+                )
+        finally:
+            stop_process(process, 5.0)
     print(f"  {contention.report()}")
     print()
     for passed, line in results:
@@ -269,6 +317,7 @@ async def run_provider(
     batch: float,
     clients: int,
     profile: bool,
+    idle: Idle,
 ) -> list[tuple[bool, str]]:
     """The baseline's bursts, then the exporter's, each a fresh process on fresh storage; the
     targets' verdicts, each line named by the provider."""
@@ -287,7 +336,7 @@ async def run_provider(
         print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
         for size, seconds in ((1, single), (BATCH, batch)):
             bursts["baseline", size] = await burst(
-                session, baseline, provider, "baseline", size, seconds, clients
+                session, baseline, provider, "baseline", size, seconds, clients, idle.url
             )
             report_burst(bursts["baseline", size])
         baseline_counted = await baseline.counted(session)
@@ -306,7 +355,7 @@ async def run_provider(
             spy = Profiler(exporter.pid, workdir / f"profile-{size}.txt") if profile else None
             try:
                 bursts["exporter", size] = await burst(
-                    session, exporter, provider, "exporter", size, seconds, clients
+                    session, exporter, provider, "exporter", size, seconds, clients, idle.url
                 )
             finally:
                 if spy:
@@ -382,7 +431,8 @@ async def run_provider(
             (
                 p50 <= P50_RATIO_TARGET * quiet_p50,
                 f"{title} /metrics p50 during the burst of {what}: {ms(p50)}, "
-                f"x{p50 / quiet_p50:.2f} quiet {ms(quiet_p50)} (target <= {P50_RATIO_TARGET}x)",
+                f"x{p50 / quiet_p50:.2f} quiet {ms(quiet_p50)} (target <= {P50_RATIO_TARGET}x; "
+                f"an idle process's meanwhile: x{idle.ratio(burst_.idle):.2f} its quiet)",
             )
         )
         if provider.p99_target is not None:
@@ -399,7 +449,8 @@ async def run_provider(
         print(
             f"  (reference, the baseline's trivial /metrics during its burst of {burst_.batch} per "
             f"request: p50 {ms(pct(times, 50))}, x{pct(times, 50) / base_quiet_p50:.2f} its quiet "
-            f"{ms(base_quiet_p50)}; p99 {ms(pct(times, 99))})"
+            f"{ms(base_quiet_p50)}; p99 {ms(pct(times, 99))}; an idle process's meanwhile: "
+            f"x{idle.ratio(burst_.idle):.2f} its quiet)"
         )
 
     acked = base1.acked + base50.acked
@@ -441,8 +492,10 @@ async def burst(
     batch: int,
     seconds: float,
     clients: int,
+    idle_url: str,
 ) -> Burst:
-    """`seconds` of load from `clients` processes, scraping /metrics meanwhile."""
+    """`seconds` of load from `clients` processes, scraping the server's /metrics and the idle
+    process's meanwhile."""
     start_at = time.time() + 2.0  # the load processes start and connect before then
     per_client = [CONCURRENCY // clients + (i < CONCURRENCY % clients) for i in range(clients)]
     loads = [
@@ -471,9 +524,13 @@ async def burst(
     scraping = asyncio.create_task(
         scrape_window(session, server.metrics_url, start_at + 0.05, seconds - 0.1)
     )
+    # the idle process between the server's scrapes: the same schedule, half a period later
+    idling = asyncio.create_task(
+        scrape_window(session, idle_url, start_at + 0.05 + SCRAPE_EVERY / 2, seconds - 0.1)
+    )
     outputs = await asyncio.gather(*(p.communicate() for p in loads))
     cpu_after = cpu_seconds(server.pid)
-    scrapes = await scraping
+    scrapes, idle = await scraping, await idling
     reports = []
     for process, (out, _) in zip(loads, outputs, strict=True):
         if process.returncode != 0 or not out.strip():
@@ -492,6 +549,7 @@ async def burst(
         client_cpu=sum(r["cpu"] for r in reports),
         answers=[t for r in reports for t in r["answers"]],
         scrapes=scrapes,
+        idle=idle,
     )
 
 
@@ -507,6 +565,8 @@ def report_burst(b: Burst) -> None:
     )
     if b.scrapes:
         print(f"    /metrics meanwhile: {scrape_summary(b.scrapes)}")
+    if b.idle:
+        print(f"    the idle process's /metrics meanwhile: {scrape_summary(b.idle)}")
     if b.server == "exporter":
         print(
             f"    counted {b.drain:.1f} s after the last answer (CPU meanwhile "
@@ -836,6 +896,30 @@ def serve_baseline(db_path: str, port: str, parent: str) -> int:
         waiting.put(None)
         thread.join(10)
         db.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+def serve_idle(port: str, parent: str) -> int:
+    """A trivial /metrics in a process of its own with nothing else to do."""
+    from aiohttp import web  # noqa: PLC0415 - only this role serves
+
+    body = b"# TYPE idle_up gauge\nidle_up 1\n"
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(port)).start()
+        deadline = time.monotonic() + LIFETIME
+        while time.monotonic() < deadline and os.getppid() == int(parent):
+            await asyncio.sleep(1.0)
+        await runner.cleanup()
 
     asyncio.run(serve())
     return 0
