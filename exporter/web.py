@@ -215,12 +215,14 @@ class WebServer:
         def extra() -> tuple[tuple[str, str], ...]:
             return tuple(self._security().headers.items())
 
+        turns = lean.Turns()  # a burst of callbacks takes turns with scrapes and polls
+
         def connection() -> asyncio.Protocol:
             release = self._admit(name)
             if release is None:
                 return _Refuse()
             made = lean.Connection(
-                self._ingest, extra, release, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_BODY
+                self._ingest, extra, release, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_BODY, turns
             )
             self._lean.add(made)
             weakref.finalize(made, release)  # a TLS handshake that fails never reaches it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -19,7 +20,8 @@ from exporter.routing import Request, Response, json_response
 class Server:
     """lean.Connection behind a listening socket, with a handler that records what it saw."""
 
-    def __init__(self, *, header_timeout=5.0, body_timeout=5.0, max_body=1000):
+    def __init__(self, *, header_timeout=5.0, body_timeout=5.0, max_body=1000, turns=None):
+        self.turns = turns
         self.seen: list[tuple[Request, Response | None]] = []
         self.released = 0
         self.delays: dict[str, float] = {}
@@ -40,7 +42,11 @@ class Server:
     async def __aenter__(self) -> Server:
         def connection() -> lean.Connection:
             return lean.Connection(
-                self.serve, lambda: (("X-Frame-Options", "deny"),), self.release, *self._limits
+                self.serve,
+                lambda: (("X-Frame-Options", "deny"),),
+                self.release,
+                *self._limits,
+                self.turns,
             )
 
         self._server = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
@@ -273,3 +279,72 @@ def test_answer_bytes_never_split_a_header():
     assert b"Content-Length: %d\r\n" % len(body.body) in lean.encode(body, (), False)
     encoded = lean.encode(evil, (), False)
     assert b"\r\nSet-Cookie" not in encoded and b"X-Evil: a  Set-Cookie: b\r\n" in encoded
+
+
+def test_a_burst_of_requests_takes_turns_with_the_rest_of_the_loop():
+    """Past a turn's budget the rest wait, in their order, while what else is ready runs: a
+    scrape that arrives behind ten slow requests is answered after two of them, not ten."""
+
+    def spin(seconds: float) -> None:  # a request's parse, holding the loop
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+    async def scenario(turns: lean.Turns | None) -> list[int | str]:
+        started: list[int | str] = []
+
+        async def request(n: int) -> None:
+            if turns is not None:  # as lean.Connection asks before it serves a request
+                turn = turns.wait()
+                while turn is not None:
+                    await turn
+                    turn = turns.wait(again=True)
+            started.append(n)
+            spin(0.0006)
+
+        async def scrape() -> None:
+            await asyncio.sleep(0)  # its answer comes a pass of the loop after its request
+            started.append("scrape")
+
+        tasks = [asyncio.create_task(request(n)) for n in range(10)]
+        tasks.append(asyncio.create_task(scrape()))
+        await asyncio.gather(*tasks)
+        return started
+
+    without = asyncio.run(scenario(None))
+    assert without.index("scrape") == 10  # the loop ran every ready request first
+    taking_turns = asyncio.run(scenario(lean.Turns(budget=0.001)))
+    assert taking_turns.index("scrape") <= 3
+    assert [n for n in taking_turns if n != "scrape"] == list(range(10))
+
+
+def test_requests_that_waited_for_their_turn_are_all_answered_in_order():
+    class Counted(lean.Turns):
+        waited = 0
+
+        def wait(self, again: bool = False):
+            turn = super().wait(again)
+            self.waited += turn is not None
+            return turn
+
+    turns = Counted(budget=0.0)  # one request a pass of the loop
+
+    async def scenario():
+        async with Server(turns=turns) as server:
+            pipelined = b"".join(post(f"/r{n}", b"{}") for n in range(5))
+            exchanges = [
+                server.exchange(pipelined + get("/end", b"Connection: close\r\n")) for _ in range(8)
+            ]
+            return await asyncio.gather(*exchanges)
+
+    for received in run(scenario):
+        assert statuses(received) == [200] * 6
+        assert re.findall(rb"(?:GET|POST) (/(?:r\d|end))", received) == [
+            b"/r0",
+            b"/r1",
+            b"/r2",
+            b"/r3",
+            b"/r4",
+            b"/end",
+        ]
+    assert turns.waited >= 8  # the connections' requests came together and took turns
