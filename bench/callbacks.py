@@ -31,9 +31,10 @@ on 127.0.0.1:
   sent/delivered/read: D7's events (request_id, msg_id, timestamp in ms, conversation_type,
   message_type, ...; 50 per request as a JSON list), Meta's deliveries (a new wamid per status,
   unix-seconds timestamp, pricing; each body signed with `X-Hub-Signature-256`). One per request
-  and then 50 per request, for a fixed time each. It counts the events acknowledged (2xx) by
-  status, and the requests acknowledged.
-
+  and then 50 per request, for a fixed time each, against the baseline and the exporter in
+  turn, twice each (the faster of a server's two bursts is the one compared: the machine's
+  noise only slows a burst down). It counts the events acknowledged (2xx) by status, and the
+  requests acknowledged;
 - an idle process (`--role idle`, in this file) that does nothing but answer a trivial /metrics,
   scraped between the servers' scrapes on the same schedule: what the machine alone (two cores
   shared with the load processes and the server) does to a scrape's latency during a burst, so
@@ -46,7 +47,7 @@ counts must equal what it acknowledged: whatsapp_messages_total per status (read
 delivered implies sent), and D7's whatsapp_tracking_webhook_events_total (one per event) or
 Meta's whatsapp_webhook_events_total{field="messages"} (one per change: one per request here).
 
-    python bench/callbacks.py               # about 3.5 minutes, D7 then Meta
+    python bench/callbacks.py               # about 6 minutes, D7 then Meta
     python bench/callbacks.py --provider meta
     python bench/callbacks.py --quick       # short windows: a smoke run, not the targets' numbers
     python bench/callbacks.py --profile     # + py-spy's hot path during the exporter's bursts
@@ -99,6 +100,7 @@ LIFETIME = 600.0  # a child process of this benchmark never outlives this, nor i
 RATIO_TARGET = 1.0  # callbacks, one per request: exporter / baseline
 BATCH_TARGET = 50_000.0  # D7: events/s, 50 per request
 BATCH_RATIO_TARGET = 1.0  # Meta: 50 statuses per request, exporter / baseline
+ROUNDS = 2  # bursts of each size per server, alternating with the other's; the faster counts
 P50_RATIO_TARGET = 1.5  # /metrics p50 during a burst / quiet
 P99_TARGET = 0.050  # D7: /metrics p99 during a burst
 
@@ -319,56 +321,60 @@ async def run_provider(
     profile: bool,
     idle: Idle,
 ) -> list[tuple[bool, str]]:
-    """The baseline's bursts, then the exporter's, each a fresh process on fresh storage; the
-    targets' verdicts, each line named by the provider."""
+    """The baseline and the exporter, each a fresh process on fresh storage, taking turns:
+    each size's bursts alternate between them ROUNDS times, so a slow minute of the machine
+    falls on both; the targets' verdicts, each line named by the provider."""
     workdir.mkdir()
     title = provider.title
     print()
     print(f"{title}: {provider.what}, POST {provider.path}")
-    bursts: dict[tuple[str, int], Burst] = {}
     baseline = Child.baseline(workdir, provider)
+    exporter = Child.exporter(workdir, provider)
+    every: list[Burst] = []
     try:
         await baseline.wait_ready(session)
-        print(f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}")
-        # its trivial /metrics, quiet and then during its bursts: what this machine does to
-        # the latency of any handler while a burst keeps both cores busy
+        await exporter.wait_ready(session)
+        print(
+            f"baseline (bare aiohttp + SQLite WAL group commit) pid {baseline.pid}; "
+            f"exporter pid {exporter.pid}"
+        )
+        # the baseline's trivial /metrics, quiet and then during its bursts: what a busy loop
+        # does to the latency of any handler on it
         base_quiet = await scrape_window(session, baseline.metrics_url, time.time() + 0.1, single)
         print(f"baseline /metrics quiet for {single:g} s: {scrape_summary(base_quiet)}")
+        await asyncio.sleep(1.0)  # the exporter's first poll cycle (refused) and publication
+        quiet = await scrape_window(session, exporter.metrics_url, time.time() + 0.1, single)
+        print(f"exporter /metrics quiet for {single:g} s: {scrape_summary(quiet)}")
         for size, seconds in ((1, single), (BATCH, batch)):
-            bursts["baseline", size] = await burst(
-                session, baseline, provider, "baseline", size, seconds, clients, idle.url
-            )
-            report_burst(bursts["baseline", size])
+            for round_ in range(ROUNDS):
+                for server in (baseline, exporter):
+                    every.append(
+                        await measured_burst(
+                            session,
+                            server,
+                            provider,
+                            size,
+                            seconds,
+                            clients,
+                            idle,
+                            round_,
+                            profile and server is exporter,
+                        )
+                    )
         baseline_counted = await baseline.counted(session)
-    finally:
-        baseline.stop()
-
-    exporter = Child.exporter(workdir, provider)
-    try:
-        await exporter.wait_ready(session)
-        print(f"exporter pid {exporter.pid}")
-        quiet_seconds = single  # as long as the burst it is compared with
-        await asyncio.sleep(1.0)  # its first poll cycle (refused) and publication pass
-        quiet = await scrape_window(session, exporter.metrics_url, time.time() + 0.1, quiet_seconds)
-        print(f"exporter /metrics quiet for {quiet_seconds:g} s: {scrape_summary(quiet)}")
-        for size, seconds in ((1, single), (BATCH, batch)):
-            spy = Profiler(exporter.pid, workdir / f"profile-{size}.txt") if profile else None
-            try:
-                bursts["exporter", size] = await burst(
-                    session, exporter, provider, "exporter", size, seconds, clients, idle.url
-                )
-            finally:
-                if spy:
-                    spy.stop()
-            b = bursts["exporter", size]
-            started, cpu = time.monotonic(), cpu_seconds(exporter.pid)
-            await exporter.drained(session)
-            b.drain, b.drain_cpu = time.monotonic() - started, cpu_seconds(exporter.pid) - cpu
-            report_burst(b)
         await asyncio.sleep(1.0)  # a publication pass after the last answer
         counted = await exporter.counted(session)
     finally:
+        baseline.stop()
         exporter.stop()
+
+    # each server's better burst of a size: the machine's noise (other tenants, the page
+    # cache, the CPU's clock) only ever slows a burst down
+    bursts: dict[tuple[str, int], Burst] = {}
+    for b in every:
+        best = bursts.get((b.server, b.batch))
+        if best is None or b.rate > best.rate:
+            bursts[b.server, b.batch] = b
 
     results: list[tuple[bool, str]] = []
     base1, exp1 = bursts["baseline", 1], bursts["exporter", 1]
@@ -453,22 +459,22 @@ async def run_provider(
             f"x{idle.ratio(burst_.idle):.2f} its quiet)"
         )
 
-    acked = base1.acked + base50.acked
+    acked = sum((b.acked for b in every if b.server == "baseline"), Counter())
     print(f"  baseline stored {baseline_counted:,} events, acknowledged {sum(acked.values()):,}")
-    acked = exp1.acked + exp50.acked
+    exporters = [b for b in every if b.server == "exporter"]
+    acked = sum((b.acked for b in exporters), Counter())
+    requests = sum(len(b.answers) for b in exporters)
     want = Counter(dict.fromkeys(STATUSES, 0))
     for status, n in acked.items():
         for reached in IMPLIED[status]:
             want[reached] += n
     # Meta's count is of changes, one per request here; D7's of events
-    want_events = (
-        len(exp1.answers) + len(exp50.answers) if provider.per_request else (sum(acked.values()))
-    )
+    want_events = requests if provider.per_request else sum(acked.values())
     events, messages = counted
     name = provider.events_series[0]
     print(
         f"  exporter acknowledged {sum(acked.values()):,} events in "
-        f"{len(exp1.answers) + len(exp50.answers):,} requests "
+        f"{requests:,} requests "
         f"({', '.join(f'{s} {acked[s]:,}' for s in STATUSES)}); its /metrics: "
         f"{name} {events:,.0f} (want {want_events:,}), whatsapp_messages_total "
         f"{', '.join(f'{s} {messages.get(s, 0):,.0f}' for s in STATUSES)} "
@@ -484,6 +490,34 @@ async def run_provider(
     return results
 
 
+async def measured_burst(
+    session: aiohttp.ClientSession,
+    server: Child,
+    provider: Provider,
+    size: int,
+    seconds: float,
+    clients: int,
+    idle: Idle,
+    round_: int,
+    profile: bool,
+) -> Burst:
+    """One burst, and for the exporter the time until its journal was counted; reported."""
+    name = server.name
+    where = server.log.parent / f"profile-{size}-{round_}.txt"
+    spy = Profiler(server.pid, where) if profile else None
+    try:
+        b = await burst(session, server, provider, name, size, seconds, clients, idle.url, round_)
+    finally:
+        if spy:
+            spy.stop()
+    if name == "exporter":
+        started, cpu = time.monotonic(), cpu_seconds(server.pid)
+        await server.drained(session)
+        b.drain, b.drain_cpu = time.monotonic() - started, cpu_seconds(server.pid) - cpu
+    report_burst(b)
+    return b
+
+
 async def burst(
     session: aiohttp.ClientSession,
     server: Child,
@@ -493,6 +527,7 @@ async def burst(
     seconds: float,
     clients: int,
     idle_url: str,
+    round_: int = 0,
 ) -> Burst:
     """`seconds` of load from `clients` processes, scraping the server's /metrics and the idle
     process's meanwhile."""
@@ -509,7 +544,7 @@ async def burst(
                     "provider": provider.name,
                     "batch": batch,
                     "concurrency": n,
-                    "prefix": f"{name[0]}{batch:02d}{index}{os.getpid() % 10000:04d}",
+                    "prefix": f"{name[0]}{round_}{batch:02d}{index}{os.getpid() % 10000:04d}",
                     "start_at": start_at,
                     "seconds": seconds,
                     "parent": os.getpid(),
@@ -639,6 +674,7 @@ class Child:
         ingest_port: int | None = None,
     ):
         self.log = log
+        self.name = log.stem  # "baseline" or "exporter"
         self.port = port
         self.provider = provider
         self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{provider.path}"
