@@ -253,17 +253,6 @@ class Idle:
     url: str
     quiet: list[Scrape]
 
-    @classmethod
-    async def ready(cls, session: aiohttp.ClientSession, url: str, seconds: float) -> Idle:
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as answer:
-                    if answer.status == 200:
-                        return cls(url, await scrape_window(session, url, time.time(), seconds))
-            await asyncio.sleep(0.1)
-        raise SystemExit(f"the idle /metrics process did not answer at {url}")
-
     def ratio(self, during: list[Scrape]) -> float:
         """Its p50 during a burst over its quiet p50."""
         quiet = pct([s.seconds for s in self.quiet], 50)
@@ -289,12 +278,11 @@ async def run(
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=200), auto_decompress=False
     ) as session:
-        port = free_port()
-        command = [sys.executable, str(SCRIPT), "--role=idle", str(port), str(os.getpid())]
-        with (workdir / "idle.log").open("w") as stderr:
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        idling = Child.idle(workdir)
         try:
-            idle = await Idle.ready(session, f"http://127.0.0.1:{port}/metrics", single)
+            await idling.wait_ready(session)
+            url = idling.metrics_url
+            idle = Idle(url, await scrape_window(session, url, time.time(), single))
             print(f"an idle process's trivial /metrics, quiet: {scrape_summary(idle.quiet)}")
             for provider in providers:
                 where = workdir / provider.name
@@ -302,7 +290,7 @@ async def run(
                     session, provider, where, single, batch, clients, profile, idle
                 )
         finally:
-            stop_process(process, 5.0)
+            idling.stop()
     print(f"  {contention.report()}")
     print()
     for passed, line in results:
@@ -527,7 +515,7 @@ async def burst(
     seconds: float,
     clients: int,
     idle_url: str,
-    round_: int = 0,
+    round_: int,
 ) -> Burst:
     """`seconds` of load from `clients` processes, scraping the server's /metrics and the idle
     process's meanwhile."""
@@ -663,21 +651,23 @@ def scrape_summary(scrapes: list[Scrape]) -> str:
 
 
 class Child:
-    """A server under load in its own process: the baseline (from this file) or the exporter."""
+    """A server in its own process: the baseline or the idle one (from this file), or the
+    exporter."""
 
     def __init__(
         self,
         command: list[str],
         log: Path,
         port: int,
-        provider: Provider,
+        provider: Provider | None,
         ingest_port: int | None = None,
     ):
         self.log = log
         self.name = log.stem  # "baseline" or "exporter"
         self.port = port
         self.provider = provider
-        self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{provider.path}"
+        path = provider.path if provider else ""
+        self.webhook_url = f"http://127.0.0.1:{ingest_port or port}{path}"
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         with log.open("w") as stderr:
             self.process = subprocess.Popen(
@@ -697,6 +687,12 @@ class Child:
             str(os.getpid()),
         ]
         return cls(command, workdir / "baseline.log", port, provider)
+
+    @classmethod
+    def idle(cls, workdir: Path) -> Child:
+        port = free_port()
+        command = [sys.executable, str(SCRIPT), "--role=idle", str(port), str(os.getpid())]
+        return cls(command, workdir / "idle.log", port, None)
 
     @classmethod
     def exporter(cls, workdir: Path, provider: Provider) -> Child:

@@ -122,6 +122,17 @@ class Turns:
         self._again: list[asyncio.Future[None]] = []  # woken and still over: first next turn
         self._turning = False
 
+    def start(self) -> Awaitable[None] | None:
+        """None if a request may start now (no coroutine on that path); else what to await
+        until it may."""
+        turn = self.wait()
+        return None if turn is None else self._until_started(turn)
+
+    async def _until_started(self, turn: asyncio.Future[None] | None) -> None:
+        while turn is not None:
+            await turn
+            turn = self.wait(again=True)
+
     def wait(self, again: bool = False) -> asyncio.Future[None] | None:
         """None if a request may start now; else what to await before asking `again`."""
         behind = bool(self._waiting) and not again  # a newcomer waits behind the waiting
@@ -330,11 +341,8 @@ class Connection(asyncio.Protocol):
                 assert refusal is not None
                 response = refusal
             else:
-                if self._turns is not None:
-                    turn = self._turns.wait()
-                    while turn is not None:
-                        await turn
-                        turn = self._turns.wait(again=True)
+                if self._turns is not None and (turn := self._turns.start()) is not None:
+                    await turn
                 try:
                     response = await self._serve(request, refusal)
                 except Exception:

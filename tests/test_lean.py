@@ -294,11 +294,8 @@ def test_a_burst_of_requests_takes_turns_with_the_rest_of_the_loop():
         started: list[int | str] = []
 
         async def request(n: int) -> None:
-            if turns is not None:  # as lean.Connection asks before it serves a request
-                turn = turns.wait()
-                while turn is not None:
-                    await turn
-                    turn = turns.wait(again=True)
+            if turns is not None and (turn := turns.start()) is not None:  # as lean.Connection
+                await turn
             started.append(n)
             spin(0.0006)
 
